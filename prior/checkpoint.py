@@ -1,0 +1,243 @@
+"""Reading dalle2-pytorch 0.11.5 prior checkpoints safely, and checking every key and shape.
+
+A checkpoint is a ``DiffusionPrior`` state dict: ``net.*`` (the network), ``noise_scheduler.*``
+(13 schedule buffers) and possibly ``clip.clip.*`` (OpenAI CLIP). It may come raw or wrapped as
+``{"ema_model": ...}`` / ``{"model": ...}``, in fp16 or fp32, as ``.pth`` or ``.safetensors``.
+
+- ``.pth`` files are read with ``torch.load(weights_only=True)``: no pickled code ever runs.
+- ``.safetensors`` files are read tensor by tensor with plain reads into fresh buffers, not
+  through a memory map, so loading peaks at the model's size plus one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PREFIXES = {"net": "net.", "schedule": "noise_scheduler.", "clip": "clip.clip."}
+WRAPPER_KEYS = ("ema_model", "model", "state_dict")
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_SAFETENSORS_MAX_HEADER = 100 * 2**20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    tensor: torch.Tensor | None = None  # .pth: a tensor (lazily paged in)
+    offsets: tuple[int, int] | None = None  # .safetensors: byte range in the file
+
+
+class Checkpoint:
+    """The tensors of a checkpoint file by name, shapes known before any data is read."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such file")
+        if self.path.suffix == ".safetensors":
+            self._entries, self._data_start = self._index_safetensors()
+        else:
+            self._entries, self._data_start = self._index_pickle(), 0
+
+    # -- indexing -------------------------------------------------------------------------
+
+    def _index_pickle(self) -> dict[str, _Entry]:
+        obj = self._torch_load()
+        state = unwrap_state_dict(obj, self.path)
+        return {k: _Entry(tuple(v.shape), v.dtype, tensor=v) for k, v in state.items()}
+
+    def _torch_load(self) -> object:
+        try:
+            try:
+                return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:
+                if "mmap" not in str(error):
+                    raise
+                return torch.load(self.path, map_location="cpu", weights_only=True)  # legacy format
+        except pickle.UnpicklingError as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(
+                f"{self.path}: refused to load: the file is not plain tensors, and unpickling it would "
+                f"import or run code ({first_line}). Only weights are loaded, never pickled objects."
+            ) from None
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError) as error:
+            raise CheckpointError(f"{self.path}: truncated or corrupted PyTorch file ({error})") from None
+
+    def _index_safetensors(self) -> tuple[dict[str, _Entry], int]:
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path}: truncated safetensors file (no header)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(_SAFETENSORS_MAX_HEADER, size - 8):
+                raise CheckpointError(f"{self.path}: corrupted or truncated safetensors header")
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise CheckpointError(f"{self.path}: corrupted safetensors header ({error})") from None
+        data_start = 8 + header_len
+        entries = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                shape = tuple(int(n) for n in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: corrupted safetensors entry for {name!r}") from None
+            nbytes = dtype.itemsize * _numel(shape)
+            if end - begin != nbytes or begin < 0:
+                raise CheckpointError(f"{self.path}: corrupted safetensors entry for {name!r}")
+            if data_start + end > size:
+                raise CheckpointError(
+                    f"{self.path}: truncated: {name!r} ends at byte {data_start + end} but the file has {size}"
+                )
+            entries[name] = _Entry(shape, dtype, offsets=(begin, end))
+        return entries, data_start
+
+    # -- access ---------------------------------------------------------------------------
+
+    def shapes(self, prefix: str = "") -> dict[str, tuple[int, ...]]:
+        """Shapes of the tensors under ``prefix`` (prefix removed)."""
+        return {k[len(prefix) :]: e.shape for k, e in self._entries.items() if k.startswith(prefix)}
+
+    def dtypes(self) -> set[torch.dtype]:
+        return {e.dtype for e in self._entries.values()}
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def read(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
+        if entry.tensor is not None:
+            return entry.tensor
+        begin, end = entry.offsets
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            if f.readinto(buffer.numpy()) != end - begin:
+                raise CheckpointError(f"{self.path}: truncated while reading {name!r}")
+        return buffer.view(entry.dtype).view(entry.shape) if entry.shape else buffer.view(entry.dtype)[0]
+
+    def tensors(self, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name without prefix, tensor)`` pairs, one tensor in memory at a time."""
+        for name in self._entries:
+            if name.startswith(prefix):
+                yield name[len(prefix) :], self.read(name)
+
+    def check_prefixes(self) -> None:
+        """Every key belongs to the network, the schedule or CLIP."""
+        unexpected = [k for k in self._entries if not k.startswith(tuple(PREFIXES.values()))]
+        if unexpected:
+            raise CheckpointError(
+                f"{self.path}: not a dalle2-pytorch diffusion prior checkpoint: unexpected keys "
+                f"{_listing(unexpected)} (expected only {', '.join(p + '*' for p in PREFIXES.values())})"
+            )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return f"{shown} and {len(names) - limit} more" if len(names) > limit else shown
+
+
+def unwrap_state_dict(obj: object, path: Path | str = "checkpoint") -> dict[str, torch.Tensor]:
+    """A raw state dict, ``{"ema_model": sd}`` or ``{"model": sd}`` -> the state dict.
+
+    Keys of an EMA wrapper's own state dict (``ema_model.net...``) lose that prefix.
+    """
+    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            raise CheckpointError(
+                f"{path}: no state dict found: top-level keys are {_listing([str(k) for k in obj])}, "
+                f"expected tensors or one of {WRAPPER_KEYS}"
+            )
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith("ema_model.") for k in state):
+        state = {k.removeprefix("ema_model."): v for k, v in state.items() if k.startswith("ema_model.")}
+    return state
+
+
+def check_shapes(
+    module: nn.Module, shapes: Mapping[str, tuple[int, ...]], source: str, ignore: tuple[str, ...] = ()
+) -> None:
+    """Every key of ``module``'s state dict is present with its shape, and nothing else is."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items() if k not in ignore}
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected and k not in ignore]
+    wrong = [f"{k} {shapes[k]} (expected {expected[k]})" for k in expected if k in shapes and shapes[k] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_listing(unexpected)}")
+    if wrong:
+        problems.append(f"mis-shaped {_listing(wrong)}")
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
+
+
+@torch.no_grad()
+def materialize(
+    module: nn.Module,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    device: torch.device | str = "cpu",
+    ignore: tuple[str, ...] = (),
+) -> nn.Module:
+    """Fill a module built on the meta device with checkpoint tensors, one at a time.
+
+    Storage is allocated in the module's own dtypes (cast it on the meta device first), so the
+    peak is the module plus one checkpoint tensor. Shapes must have passed ``check_shapes``.
+    """
+    module.to_empty(device=device)
+    targets = dict(module.state_dict(keep_vars=True))
+    for name, tensor in tensors:
+        if name not in ignore:
+            targets.pop(name).copy_(tensor)
+    if targets:
+        raise CheckpointError(f"not filled from the checkpoint: {_listing(list(targets))}")
+    return module
+
+
+def save_safetensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Write tensors as safetensors (contiguous copies where needed)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)

@@ -1,0 +1,145 @@
+"""CLIP as the prior and the visualiser need it, on top of open-clip-torch.
+
+The prior was trained on OpenAI CLIP ViT-L/14 outputs: the l2-normalised text embedding and
+the ``ln_final`` states of all 77 token positions, with zero padding as the key mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONTEXT_LENGTH = 77
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class Tokens:
+    """Token ids ``[b, 77]`` (int64, zero padded) and, per caption, whether it was cut."""
+
+    ids: torch.Tensor
+    truncated: list[bool]
+
+
+@dataclass
+class TextEncoding:
+    """What the prior is conditioned on, for a batch of ``b`` captions."""
+
+    embed: torch.Tensor  # [b, d] l2-normalised CLIP text embedding
+    encodings: torch.Tensor  # [b, 77, d_text] ln_final states of every position
+    mask: torch.Tensor  # [b, 77] bool, True where a token is present
+
+    def repeat_interleave(self, n: int) -> TextEncoding:
+        return TextEncoding(*(t.repeat_interleave(n, dim=0) for t in (self.embed, self.encodings, self.mask)))
+
+
+class Tokenizer:
+    """OpenAI's CLIP BPE tokenizer (shipped with open_clip), truncating at 77 tokens."""
+
+    def __init__(self, context_length: int = CONTEXT_LENGTH):
+        self.context_length = context_length
+        self._bpe = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+
+    def __call__(self, texts: str | list[str]) -> Tokens:
+        if isinstance(texts, str):
+            texts = [texts]
+        bpe = self._bpe
+        ids = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        truncated = []
+        for row, text in enumerate(texts):
+            tokens = [bpe.sot_token_id, *bpe.encode(text), bpe.eot_token_id]
+            truncated.append(len(tokens) > self.context_length)
+            if truncated[-1]:
+                tokens = tokens[: self.context_length - 1] + [bpe.eot_token_id]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+        return Tokens(ids, truncated)
+
+
+class ClipEncoder(nn.Module):
+    """An open_clip ``CLIP`` with the two views the project needs.
+
+    ``encode_text`` gives the prior's conditioning; ``encode_image`` is differentiable and takes
+    images already resized to ``image_size`` and normalised with ``normalize``.
+    """
+
+    def __init__(self, model: open_clip.model.CLIP):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenize = Tokenizer(model.context_length)
+        self.image_size = int(model.visual.image_size[0])
+        self.embed_dim = int(model.text_projection.shape[1])
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``[b, 3, h, w]`` in [0, 1] -> CLIP's input statistics."""
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    @torch.no_grad()
+    def encode_text(self, ids: torch.Tensor) -> TextEncoding:
+        """Token ids ``[b, 77]`` -> embedding, ``ln_final`` states and key mask, all float32."""
+        states: list[torch.Tensor] = []
+        handle = self.model.ln_final.register_forward_hook(lambda _m, _i, out: states.append(out))
+        try:
+            embed = self.model.encode_text(ids)
+        finally:
+            handle.remove()
+        return TextEncoding(F.normalize(embed.float(), dim=-1), states[0].float(), ids != 0)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images ``[b, 3, S, S]`` -> raw image embeddings ``[b, d]`` (differentiable)."""
+        return self.model.encode_image(images)
+
+    @torch.no_grad()
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[b, 3, h, w]`` in [0, 1] -> l2-normalised embeddings ``[b, d]`` (float32).
+
+        Resizes with antialiased bicubic interpolation to ``image_size`` (no crop).
+        """
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            images = F.interpolate(images, size=(self.image_size,) * 2, mode="bicubic", antialias=True)
+        return F.normalize(self.encode_image(self.normalize(images)).float(), dim=-1)
+
+
+def clip_model(config: dict) -> open_clip.model.CLIP:
+    """An open_clip ``CLIP`` from a model config dict (random init from the global RNG)."""
+    return open_clip.model.CLIP(
+        embed_dim=config["embed_dim"],
+        vision_cfg=config["vision_cfg"],
+        text_cfg=config["text_cfg"],
+        quick_gelu=config.get("quick_gelu", True),
+    )
+
+
+def build_clip(config: dict) -> ClipEncoder:
+    """A randomly initialised float32 CLIP encoder (uses the global RNG)."""
+    return ClipEncoder(clip_model(config))
+
+
+def openai_clip_config(state_dict: dict[str, torch.Tensor]) -> dict:
+    """The open_clip model config of an OpenAI-format ViT CLIP state dict, read off its shapes."""
+    patch = state_dict["visual.conv1.weight"].shape[-1]
+    grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    width = state_dict["ln_final.weight"].shape[0]
+    return {
+        "embed_dim": state_dict["text_projection"].shape[1],
+        "quick_gelu": True,
+        "vision_cfg": {
+            "image_size": patch * grid,
+            "patch_size": patch,
+            "width": state_dict["visual.conv1.weight"].shape[0],
+            "layers": sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in state_dict),
+        },
+        "text_cfg": {
+            "context_length": state_dict["positional_embedding"].shape[0],
+            "vocab_size": state_dict["token_embedding.weight"].shape[0],
+            "width": width,
+            "heads": width // 64,
+            "layers": len({k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")}),
+        },
+    }

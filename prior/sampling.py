@@ -1,0 +1,158 @@
+"""Sampling CLIP image embeddings from the prior: plain functions, explicit generators.
+
+- ``sample_ddpm``: 0.11.5's ancestral loop over every timestep (the parity path).
+- ``sample_ddim``: strided DDIM with ``eta`` (1 = ancestral), 64 steps by default as in unCLIP.
+- Guidance is done as intended: ``uncond + (cond - uncond) * cond_scale`` with both branches in
+  one batched forward. 0.11.5 instead zeroes the caller's text mask on its first unconditional
+  pass, so from its second step on both of its branches ignore the text encodings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .clip import TextEncoding
+from .model import PrefixCache, PriorNetwork
+from .schedule import NoiseSchedule, strided_timesteps
+
+Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
+ProgressCallback = Callable[[int, int], None]
+
+DEFAULT_STEPS = 64
+
+
+@dataclass
+class PriorSample:
+    """The chosen candidate per caption and what the choice was based on (all float32)."""
+
+    image_embeds: torch.Tensor  # [b, d] at unit scale (not l2-normalised)
+    candidates: torch.Tensor  # [b, c, d]
+    similarities: torch.Tensor  # [b, c] cosine similarity of each candidate to the text embedding
+    best: torch.Tensor  # [b] index of the chosen candidate
+
+
+def repeat_rows(cache: PrefixCache, n: int) -> PrefixCache:
+    """Each row of ``cache`` ``n`` times in a row (captions -> candidates)."""
+    kv = [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in cache.kv]
+    return PrefixCache(kv, cache.attn_bias.repeat_interleave(n, 0))
+
+
+def make_denoiser(net: PriorNetwork, text: TextEncoding, candidates: int, cond_scale: float) -> Denoiser:
+    """``x0(x_t [b*c, d], t)`` with the text prefix computed once (``b`` captions, ``c`` each)."""
+    keep = torch.ones(text.embed.shape[0], dtype=torch.bool, device=text.embed.device)
+    cache = repeat_rows(net.encode_prefix(text.embed, text.encodings, text.mask, keep), candidates)
+    guided = cond_scale != 1.0
+    if guided:
+        if not net.config.can_guide:
+            raise ValueError("this prior was trained without condition dropout: cond_scale must be 1")
+        cache = PrefixCache.cat([cache, net.drop_text(cache)])
+    times = {}
+
+    def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
+        rows = x.shape[0] * (2 if guided else 1)
+        if t not in times:
+            times.clear()
+            times[t] = torch.full((rows,), t, dtype=torch.long, device=x.device)
+        pred = net.step(torch.cat((x, x)) if guided else x, times[t], cache)
+        if not guided:
+            return pred
+        cond, uncond = pred.chunk(2)
+        return uncond + (cond - uncond) * cond_scale
+
+    return denoise
+
+
+def sample_ddpm(
+    denoise: Denoiser,
+    schedule: NoiseSchedule,
+    shape: tuple[int, int],
+    generator: torch.Generator,
+    callback: ProgressCallback | None = None,
+) -> torch.Tensor:
+    """0.11.5's ``p_sample_loop``: ancestral sampling over all timesteps, noise drawn in its order."""
+    device = schedule.betas.device
+    x = torch.randn(shape, generator=generator, device=device)
+    total = schedule.num_timesteps
+    for i, t in enumerate(reversed(range(total))):
+        x0 = denoise(x, t)
+        mean = schedule.posterior_mean_coef1[t] * x0 + schedule.posterior_mean_coef2[t] * x
+        noise = torch.randn(shape, generator=generator, device=device)
+        nonzero = float(t != 0)
+        x = mean + nonzero * (0.5 * schedule.posterior_log_variance_clipped[t]).exp() * noise
+        if callback is not None:
+            callback(i + 1, total)
+    return x
+
+
+def sample_ddim(
+    denoise: Denoiser,
+    schedule: NoiseSchedule,
+    shape: tuple[int, int],
+    generator: torch.Generator,
+    steps: int = DEFAULT_STEPS,
+    eta: float = 1.0,
+    callback: ProgressCallback | None = None,
+) -> torch.Tensor:
+    """DDIM over ``steps`` strided timesteps with an x0-predicting model.
+
+    ``eta=1`` adds the ancestral amount of fresh noise, ``eta=0`` is deterministic after the
+    initial noise.
+    """
+    device = schedule.betas.device
+    ac = schedule.alphas_cumprod.to(torch.float64)
+    timesteps = strided_timesteps(schedule.num_timesteps, steps)
+    x = torch.randn(shape, generator=generator, device=device)
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        a_t = float(ac[t])
+        a_prev = float(ac[t_prev]) if t_prev >= 0 else 1.0
+        x0 = denoise(x, t)
+        eps = (x - a_t**0.5 * x0) / (1 - a_t) ** 0.5
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        x = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
+        if sigma > 0:
+            x = x + sigma * torch.randn(shape, generator=generator, device=device)
+        if callback is not None:
+            callback(i + 1, len(timesteps))
+    return x
+
+
+def rank_candidates(text_embed: torch.Tensor, image_embeds: torch.Tensor) -> PriorSample:
+    """Keep, per caption, the candidate most similar to its text embedding (``[b, c, d]`` in)."""
+    similarities = torch.einsum("bd,bcd->bc", F.normalize(text_embed, dim=-1), F.normalize(image_embeds, dim=-1))
+    best = similarities.argmax(dim=1)
+    chosen = image_embeds[torch.arange(image_embeds.shape[0], device=best.device), best]
+    return PriorSample(chosen, image_embeds, similarities, best)
+
+
+@torch.inference_mode()
+def sample_image_embeds(
+    net: PriorNetwork,
+    schedule: NoiseSchedule,
+    text: TextEncoding,
+    generator: torch.Generator,
+    *,
+    candidates: int = 2,
+    steps: int | None = DEFAULT_STEPS,
+    cond_scale: float = 1.0,
+    eta: float = 1.0,
+    callback: ProgressCallback | None = None,
+) -> PriorSample:
+    """CLIP image embeddings for captions already encoded by CLIP.
+
+    ``steps=None`` (or all timesteps) runs 0.11.5's ancestral loop; fewer steps run DDIM.
+    ``candidates`` samples per caption are drawn and the one closest to the text kept.
+    """
+    b, dim = text.embed.shape
+    shape = (b * candidates, dim)
+    denoise = make_denoiser(net, text, candidates, cond_scale)
+    if steps is None or steps == schedule.num_timesteps:
+        x = sample_ddpm(denoise, schedule, shape, generator, callback)
+    else:
+        x = sample_ddim(denoise, schedule, shape, generator, steps, eta, callback)
+    image_embeds = (x / net.config.image_embed_scale).view(b, candidates, dim)
+    return rank_candidates(text.embed, image_embeds)

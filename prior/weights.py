@@ -1,0 +1,251 @@
+"""Where the weights come from: the tiny random configuration, LAION's files, or a directory.
+
+``DIDP_WEIGHTS`` (or the ``weights`` argument) selects:
+
+- ``tiny``: random CLIP and prior from a fixed seed; no files; a pipeline check only.
+- ``laion``: LAION's ``prior_ema_fp16.pth`` from Hugging Face, converted once to safetensors
+  in the weights directory; CLIP from the prior file when it carries ``clip.clip.*``, else
+  OpenAI's ViT-L/14 (open_clip's ``openai`` weights) from Hugging Face.
+- a directory holding ``prior.safetensors`` (see ``python -m prior.convert``) and, when the prior
+  carries no CLIP, ``clip.safetensors``; or a single checkpoint file.
+
+Downloads are cached and resumable (huggingface_hub). When a file is absent and the hub cannot
+be reached, loading fails at once with a message saying what to fetch and where to put it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from .checkpoint import PREFIXES, Checkpoint, CheckpointError, check_shapes, materialize, save_safetensors
+from .clip import ClipEncoder, clip_model, openai_clip_config
+from .config import PriorConfig
+from .factory import Models, Prior, random_models
+from .model import PriorNetwork
+from .schedule import NoiseSchedule
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+PRIOR_FILE = "prior.safetensors"
+CLIP_FILE = "clip.safetensors"
+
+
+@dataclass(frozen=True)
+class HubFile:
+    repo_id: str
+    filename: str
+    about: str
+
+    @property
+    def url(self) -> str:
+        return f"https://huggingface.co/{self.repo_id}/resolve/main/{self.filename}"
+
+
+LAION_PRIOR = HubFile("laion/DALLE2-PyTorch", "prior_ema_fp16.pth", "LAION's ViT-L/14 diffusion prior (fp16 EMA)")
+OPENAI_CLIP = HubFile(
+    "timm/vit_large_patch14_clip_224.openai", "open_clip_model.safetensors", "OpenAI CLIP ViT-L/14 (open_clip format)"
+)
+
+
+class WeightsUnavailable(RuntimeError):
+    """Weights that are neither on disk nor downloadable now."""
+
+
+def weights_dir() -> Path:
+    return Path(os.environ.get("DIDP_WEIGHTS_DIR", DEFAULT_WEIGHTS_DIR))
+
+
+def hub_reachable(timeout: float = 1.0) -> bool:
+    """Whether the Hugging Face endpoint answers a TCP connection within ``timeout`` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def fetch(file: HubFile, cache_dir: Path) -> Path:
+    """A local copy of ``file``: the cached one, or a resumable download into ``cache_dir``."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(file.repo_id, file.filename, cache_dir=cache_dir, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    if not hub_reachable():
+        raise WeightsUnavailable(
+            f"{file.filename} ({file.about}) is not in {cache_dir} and Hugging Face cannot be reached "
+            f"(offline). Download {file.url} on a connected machine and pass its path or directory "
+            f"as DIDP_WEIGHTS, or copy the hub cache into {cache_dir}. DIDP_WEIGHTS=tiny runs the "
+            f"offline pipeline check."
+        )
+    log.info("downloading %s from %s", file.filename, file.url)
+    return Path(hf_hub_download(file.repo_id, file.filename, cache_dir=cache_dir))
+
+
+def prior_config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> PriorConfig:
+    """Read the network's hyper-parameters off a ``net.*`` state dict's shapes."""
+    anchors = ("learned_query", "to_time_embeds.0.weight", "causal_transformer.layers.0.0.null_kv")
+    missing = [a for a in anchors if a not in shapes]
+    if missing:
+        raise CheckpointError(f"{source}: not a dalle2-pytorch 0.11.5 diffusion prior: no net.{', net.'.join(missing)}")
+    dim = shapes["learned_query"][0]
+    dim_head = shapes["causal_transformer.layers.0.0.null_kv"][1]
+    ff_in = shapes.get("causal_transformer.layers.0.1.1.weight", (0,))[0]
+    return PriorConfig(
+        dim=dim,
+        depth=len({k.split(".")[2] for k in shapes if k.startswith("causal_transformer.layers.")}),
+        dim_head=dim_head,
+        heads=shapes.get("causal_transformer.layers.0.0.to_q.weight", (dim_head,))[0] // dim_head,
+        ff_mult=max(ff_in // 2 // dim, 1),
+        normformer="causal_transformer.layers.0.1.3.gamma" in shapes,
+        num_timesteps=shapes["to_time_embeds.0.weight"][0],
+    )
+
+
+def load_prior(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device | str = "cpu") -> Prior:
+    """The network (``net.*``) and schedule (``noise_scheduler.*``) of a checkpoint, checked."""
+    source = str(checkpoint.path)
+    checkpoint.check_prefixes()
+    shapes = checkpoint.shapes(PREFIXES["net"])
+    config = prior_config_from_shapes(shapes, source)
+    with torch.device("meta"):
+        net = PriorNetwork(config).cast(dtype)
+    check_shapes(net, shapes, source)
+    materialize(net, checkpoint.tensors(PREFIXES["net"]), device)
+    schedule_buffers = dict(checkpoint.tensors(PREFIXES["schedule"]))
+    try:
+        schedule = NoiseSchedule.from_state_dict(schedule_buffers) if schedule_buffers else None
+    except ValueError as error:
+        raise CheckpointError(f"{source}: {error}") from None
+    if schedule is None:
+        schedule = NoiseSchedule.cosine(config.num_timesteps)
+    if schedule.num_timesteps != config.num_timesteps:
+        raise CheckpointError(f"{source}: schedule of {schedule.num_timesteps} steps for {config.num_timesteps}")
+    return Prior(net.eval().requires_grad_(False), schedule.to(device), source)
+
+
+def load_clip(checkpoint: Checkpoint, prefix: str = "", device: torch.device | str = "cpu") -> ClipEncoder:
+    """OpenAI-format CLIP (ViT) tensors under ``prefix`` -> float32 ``ClipEncoder``."""
+    source = f"{checkpoint.path} ({prefix}*)" if prefix else str(checkpoint.path)
+    shapes = checkpoint.shapes(prefix)
+    try:
+        config = openai_clip_config({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    except KeyError as error:
+        raise CheckpointError(f"{source}: not an OpenAI-format CLIP ViT state dict (no {error})") from None
+    with torch.device("meta"):
+        model = clip_model(config)
+    ignore = ("input_resolution", "context_length", "vocab_size")
+    check_shapes(model, shapes, source, ignore=ignore)
+    materialize(model, checkpoint.tensors(prefix), device, ignore=ignore)
+    n = config["text_cfg"]["context_length"]
+    model.attn_mask = torch.full((n, n), float("-inf"), device=device).triu_(1)  # not in state dicts
+    return ClipEncoder(model).to(device)
+
+
+def load_checkpoint_models(
+    prior_path: Path, clip_path: Path | None, dtype: torch.dtype, device: torch.device | str, name: str
+) -> Models:
+    """Prior from ``prior_path``; CLIP from it when it carries ``clip.clip.*``, else from ``clip_path``."""
+    checkpoint = Checkpoint(prior_path)
+    prior = load_prior(checkpoint, dtype, device)
+    if checkpoint.shapes(PREFIXES["clip"]):
+        clip = load_clip(checkpoint, PREFIXES["clip"], device)
+    elif clip_path is not None:
+        clip = load_clip(Checkpoint(clip_path), "", device)
+    else:
+        raise WeightsUnavailable(f"{prior_path} carries no CLIP (clip.clip.*) and no CLIP file was given")
+    if clip.embed_dim != prior.config.dim:
+        raise CheckpointError(f"CLIP embeds in {clip.embed_dim} dimensions but the prior expects {prior.config.dim}")
+    return Models(clip, prior, name)
+
+
+def convert(source: Path, target: Path) -> Path:
+    """Write a checkpoint's tensors, unwrapped and with their names, as safetensors."""
+    checkpoint = Checkpoint(source)
+    checkpoint.check_prefixes()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    save_safetensors(dict(checkpoint.tensors()), partial, metadata={"source": source.name})
+    partial.replace(target)
+    return target
+
+
+def laion_models(dtype: torch.dtype, device: torch.device | str) -> Models:
+    """LAION's prior, converted to safetensors on first use, and its CLIP."""
+    cache = weights_dir()
+    converted = cache / "laion" / PRIOR_FILE
+    if not converted.is_file():
+        convert(fetch(LAION_PRIOR, cache), converted)
+    clip_path = None
+    if not Checkpoint(converted).shapes(PREFIXES["clip"]):
+        clip_path = fetch(OPENAI_CLIP, cache)
+    return load_checkpoint_models(converted, clip_path, dtype, device, "laion")
+
+
+def directory_models(path: Path, dtype: torch.dtype, device: torch.device | str) -> Models:
+    if path.is_file():
+        return load_checkpoint_models(path, None, dtype, device, str(path))
+    prior_path = path / PRIOR_FILE
+    if not prior_path.is_file():
+        candidates = sorted(p for p in path.glob("*.pth")) if path.is_dir() else []
+        if len(candidates) != 1:
+            raise WeightsUnavailable(f"{path}: expected {PRIOR_FILE} (python -m prior.convert) or a single .pth file")
+        prior_path = candidates[0]
+    clip_path = path / CLIP_FILE
+    return load_checkpoint_models(prior_path, clip_path if clip_path.is_file() else None, dtype, device, str(path))
+
+
+def default_prior_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (the weights' own precision); bf16 on a CPU with native bf16, else fp32."""
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def load_models(
+    weights: str | os.PathLike = "tiny",
+    device: torch.device | str = "cpu",
+    prior_dtype: torch.dtype | None = None,
+) -> Models:
+    """CLIP and the prior for ``weights`` (``tiny``, ``laion``, or a directory/file), on ``device``.
+
+    CLIP runs in float32; the prior network in ``prior_dtype`` (see ``default_prior_dtype``).
+    """
+    device = torch.device(device)
+    dtype = prior_dtype or default_prior_dtype(device)
+    spec = os.fspath(weights)
+    if spec == "tiny":
+        models = random_models("tiny")
+        models.prior.net.cast(dtype)
+        models.prior.to(device)
+        models.clip.to(device)
+        return models
+    if spec == "laion":
+        return laion_models(dtype, device)
+    path = Path(spec)
+    if not path.exists():
+        raise WeightsUnavailable(f"weights {spec!r}: no such file or directory (use tiny, laion or a path)")
+    return directory_models(path, dtype, device)

@@ -1,0 +1,81 @@
+"""CLIP through open_clip against OpenAI's own code (clip-anytorch), from the same weights.
+
+Tolerance: 1e-5 absolute (float32, embeddings of norm 1 and ln_final states of order 1).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prior.checkpoint import Checkpoint, save_safetensors
+from prior.clip import Tokenizer
+from prior.weights import load_clip
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import clip as openai_clip
+
+ATOL = 1e-5
+TEXTS = ["a photo of a cat", "", "Ünïcödé — ☃ emoji 🎨 and RTL שלום", "a " * 100]
+
+
+@pytest.fixture(scope="module")
+def encoders(small_clip_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip") / "clip.safetensors"
+    save_safetensors(small_clip_model.state_dict(), path)
+    return small_clip_model, load_clip(Checkpoint(path))
+
+
+def test_tokens_match_openai_tokenizer_with_truncation():
+    ours = Tokenizer()(TEXTS)
+    expected = openai_clip.tokenize(TEXTS, truncate=True)
+    assert torch.equal(ours.ids, expected)
+    assert ours.ids.dtype == torch.int64 and ours.ids.shape == (4, 77)
+    assert ours.truncated == [False, False, False, True]
+
+
+def test_a_prompt_of_exactly_77_tokens_is_not_truncated():
+    tokens = Tokenizer()("a " * 75)
+    assert tokens.truncated == [False] and tokens.ids[0, 76] == 49407
+
+
+@torch.no_grad()
+def test_text_embedding_and_ln_final_states_match_openai_clip(encoders):
+    reference, ours = encoders
+    ids = openai_clip.tokenize(TEXTS, truncate=True)
+    states = []
+    handle = reference.ln_final.register_forward_hook(lambda _m, _i, out: states.append(out))
+    expected_embed = F.normalize(reference.encode_text(ids).float(), dim=-1)
+    handle.remove()
+
+    got = ours.encode_text(ids)
+    assert got.embed.shape == (4, 64) and got.encodings.shape == (4, 77, 64)
+    torch.testing.assert_close(got.embed, expected_embed, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.encodings, states[0].float(), atol=ATOL, rtol=0)
+    assert torch.equal(got.mask, ids != 0)
+
+
+@torch.no_grad()
+def test_image_embedding_matches_openai_clip(encoders):
+    reference, ours = encoders
+    images = torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    normalized = ours.normalize(images)
+    torch.testing.assert_close(ours.encode_image(normalized), reference.encode_image(normalized), atol=ATOL, rtol=0)
+
+
+def test_image_embedding_is_differentiable_with_frozen_weights(encoders):
+    _, ours = encoders
+    images = torch.rand(2, 3, 224, 224, requires_grad=True)
+    ours.encode_image(ours.normalize(images)).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in ours.parameters())
+
+
+def test_embed_image_resizes_and_normalises(encoders):
+    _, ours = encoders
+    embeds = ours.embed_image(torch.rand(2, 3, 256, 256))
+    torch.testing.assert_close(embeds.norm(dim=-1), torch.ones(2))
