@@ -59,6 +59,8 @@ class Checkpoint:
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such file")
+        self._size = self.path.stat().st_size
+        self._storage: torch.UntypedStorage | None = None
         if self.path.suffix == ".safetensors":
             self._entries, self._data_start = self._index_safetensors()
         else:
@@ -72,6 +74,10 @@ class Checkpoint:
         return {k: _Entry(tuple(v.shape), v.dtype, tensor=v) for k, v in state.items()}
 
     def _torch_load(self) -> object:
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+        if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+            raise CheckpointError(f"{self.path}: corrupted: neither a PyTorch (zip or pickle) nor a safetensors file")
         try:
             try:
                 return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
@@ -80,12 +86,14 @@ class Checkpoint:
                     raise
                 return torch.load(self.path, map_location="cpu", weights_only=True)  # legacy format
         except pickle.UnpicklingError as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            # torch's message: advice to disable the check, then what was blocked; keep the latter
+            lines = [line for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+            reason = lines[0].strip() if lines else "not plain tensors"
             raise CheckpointError(
-                f"{self.path}: refused to load: the file is not plain tensors, and unpickling it would "
-                f"import or run code ({first_line}). Only weights are loaded, never pickled objects."
+                f"{self.path}: refused to load: unpickling it needs more than plain tensors ({reason}). "
+                "Only weights are loaded, never pickled code."
             ) from None
-        except (RuntimeError, EOFError, OSError, ValueError, KeyError) as error:
+        except Exception as error:  # torch raises many types on damaged archives
             raise CheckpointError(f"{self.path}: truncated or corrupted PyTorch file ({error})") from None
 
     def _index_safetensors(self) -> tuple[dict[str, _Entry], int]:
@@ -128,29 +136,46 @@ class Checkpoint:
         """Shapes of the tensors under ``prefix`` (prefix removed)."""
         return {k[len(prefix) :]: e.shape for k, e in self._entries.items() if k.startswith(prefix)}
 
-    def dtypes(self) -> set[torch.dtype]:
-        return {e.dtype for e in self._entries.values()}
-
     def keys(self) -> list[str]:
         return list(self._entries)
 
-    def read(self, name: str) -> torch.Tensor:
+    @property
+    def is_safetensors(self) -> bool:
+        return self.path.suffix == ".safetensors"
+
+    def dtypes(self, prefix: str = "") -> dict[str, torch.dtype]:
+        """Stored dtypes of the tensors under ``prefix`` (prefix removed)."""
+        return {k[len(prefix) :]: e.dtype for k, e in self._entries.items() if k.startswith(prefix)}
+
+    def read(self, name: str, mapped: bool = False) -> torch.Tensor:
+        """One tensor: a fresh buffer, or with ``mapped`` a copy-on-write view of the file.
+
+        Mapped tensors cost no copy; their pages are read from the page cache when first
+        touched. Read tensors never map the file, so loading with a conversion peaks at the
+        converted model plus one tensor instead of also holding the file's pages.
+        """
         entry = self._entries[name]
         if entry.tensor is not None:
             return entry.tensor
         begin, end = entry.offsets
+        start = self._data_start + begin
+        if mapped and start % entry.dtype.itemsize == 0:
+            if self._storage is None:
+                self._storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=self._size)
+            view = torch.empty(0, dtype=entry.dtype)
+            return view.set_(self._storage, start // entry.dtype.itemsize, entry.shape)
         buffer = torch.empty(end - begin, dtype=torch.uint8)
         with open(self.path, "rb") as f:
-            f.seek(self._data_start + begin)
+            f.seek(start)
             if f.readinto(buffer.numpy()) != end - begin:
                 raise CheckpointError(f"{self.path}: truncated while reading {name!r}")
-        return buffer.view(entry.dtype).view(entry.shape) if entry.shape else buffer.view(entry.dtype)[0]
+        return buffer.view(entry.dtype).view(entry.shape)
 
-    def tensors(self, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name without prefix, tensor)`` pairs, one tensor in memory at a time."""
+    def tensors(self, prefix: str = "", mapped: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name without prefix, tensor)`` pairs, one at a time (see ``read``)."""
         for name in self._entries:
             if name.startswith(prefix):
-                yield name[len(prefix) :], self.read(name)
+                yield name[len(prefix) :], self.read(name, mapped)
 
     def check_prefixes(self) -> None:
         """Every key belongs to the network, the schedule or CLIP."""
@@ -221,18 +246,25 @@ def materialize(
     device: torch.device | str = "cpu",
     ignore: tuple[str, ...] = (),
 ) -> nn.Module:
-    """Fill a module built on the meta device with checkpoint tensors, one at a time.
+    """Give a module built on the meta device the checkpoint's tensors, one at a time.
 
-    Storage is allocated in the module's own dtypes (cast it on the meta device first), so the
-    peak is the module plus one checkpoint tensor. Shapes must have passed ``check_shapes``.
+    Each tensor is taken as it is when it already has the module's dtype (cast the module on
+    the meta device first) and device, and converted otherwise, so the peak is the module plus
+    one tensor. Shapes must have passed ``check_shapes``.
     """
-    module.to_empty(device=device)
-    targets = dict(module.state_dict(keep_vars=True))
+    device = torch.device(device)
+    expected = module.state_dict(keep_vars=True)
+    state = {}
     for name, tensor in tensors:
-        if name not in ignore:
-            targets.pop(name).copy_(tensor)
-    if targets:
-        raise CheckpointError(f"not filled from the checkpoint: {_listing(list(targets))}")
+        if name in ignore:
+            continue
+        target = expected[name]
+        as_is = tensor.dtype == target.dtype and tensor.device == device
+        state[name] = tensor if as_is else tensor.to(device, target.dtype)
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError(f"not filled from the checkpoint: {_listing(missing)}")
+    module.load_state_dict(state, strict=True, assign=True)
     return module
 
 

@@ -103,7 +103,7 @@ def sample_ddim(
     initial noise.
     """
     device = schedule.betas.device
-    ac = schedule.alphas_cumprod.to(torch.float64)
+    ac = schedule.exact_alphas_cumprod()
     timesteps = strided_timesteps(schedule.num_timesteps, steps)
     x = torch.randn(shape, generator=generator, device=device)
     for i, t in enumerate(timesteps):

@@ -95,6 +95,14 @@ class NoiseSchedule:
                 raise ValueError(f"noise_scheduler.{name} is not the cosine schedule of {timesteps} steps")
         return cls(**{n: buffers[n].to(torch.float32) for n in names})
 
+    def exact_alphas_cumprod(self) -> torch.Tensor:
+        """float64 ``alphas_cumprod`` of this (checked) cosine schedule, for strided samplers.
+
+        Stored fp16 buffers round ``alphas_cumprod[0]`` to 1 and the last one to 0; 0.11.5's
+        ancestral step never divides by them, a strided step does.
+        """
+        return torch.cumprod(1.0 - cosine_betas(self.num_timesteps), dim=0)
+
     def to(self, device: torch.device | str) -> NoiseSchedule:
         return NoiseSchedule(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 

@@ -4,7 +4,8 @@
 
 - ``tiny``: random CLIP and prior from a fixed seed; no files; a pipeline check only.
 - ``laion``: LAION's ``prior_ema_fp16.pth`` from Hugging Face, converted once to safetensors
-  in the weights directory; CLIP from the prior file when it carries ``clip.clip.*``, else
+  in the weights directory, in the precision the network runs in (``prior-<dtype>.safetensors``,
+  memory-mapped at every later start); CLIP from the prior file when it carries ``clip.clip.*``, else
   OpenAI's ViT-L/14 (open_clip's ``openai`` weights) from Hugging Face.
 - a directory holding ``prior.safetensors`` (see ``python -m prior.convert``) and, when the prior
   carries no CLIP, ``clip.safetensors``; or a single checkpoint file.
@@ -126,7 +127,10 @@ def load_prior(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device 
     with torch.device("meta"):
         net = PriorNetwork(config).cast(dtype)
     check_shapes(net, shapes, source)
-    materialize(net, checkpoint.tensors(PREFIXES["net"]), device)
+    # A file stored in the run dtype is memory-mapped, not copied: loading costs nothing.
+    wanted = {k: v.dtype for k, v in net.state_dict().items()}
+    mapped = torch.device(device).type == "cpu" and checkpoint.dtypes(PREFIXES["net"]) == wanted
+    materialize(net, checkpoint.tensors(PREFIXES["net"], mapped), device)
     schedule_buffers = dict(checkpoint.tensors(PREFIXES["schedule"]))
     try:
         schedule = NoiseSchedule.from_state_dict(schedule_buffers) if schedule_buffers else None
@@ -174,23 +178,41 @@ def load_checkpoint_models(
     return Models(clip, prior, name)
 
 
-def convert(source: Path, target: Path) -> Path:
-    """Write a checkpoint's tensors, unwrapped and with their names, as safetensors."""
+def run_dtypes(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype of every ``net.*`` tensor when the network runs in ``dtype`` (see ``cast``)."""
+    shapes = checkpoint.shapes(PREFIXES["net"])
+    with torch.device("meta"):
+        net = PriorNetwork(prior_config_from_shapes(shapes, str(checkpoint.path))).cast(dtype)
+    return {PREFIXES["net"] + k: v.dtype for k, v in net.state_dict().items()}
+
+
+def convert(source: Path, target: Path, dtype: torch.dtype | None = None) -> Path:
+    """Write a checkpoint's tensors, unwrapped and with their names, as safetensors.
+
+    With ``dtype`` the network's tensors are stored as it runs in that dtype, so that loading
+    for that dtype maps the file instead of converting it; CLIP and the schedule keep theirs.
+    """
     checkpoint = Checkpoint(source)
     checkpoint.check_prefixes()
+    wanted = run_dtypes(checkpoint, dtype) if dtype is not None else {}
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
-    save_safetensors(dict(checkpoint.tensors()), partial, metadata={"source": source.name})
+    state = {name: t.to(wanted.get(name, t.dtype)) for name, t in checkpoint.tensors()}
+    save_safetensors(state, partial, metadata={"source": source.name})
     partial.replace(target)
     return target
+
+
+def converted_name(dtype: torch.dtype) -> str:
+    return f"prior-{str(dtype).removeprefix('torch.')}.safetensors"
 
 
 def laion_models(dtype: torch.dtype, device: torch.device | str) -> Models:
     """LAION's prior, converted to safetensors on first use, and its CLIP."""
     cache = weights_dir()
-    converted = cache / "laion" / PRIOR_FILE
+    converted = cache / "laion" / converted_name(dtype)
     if not converted.is_file():
-        convert(fetch(LAION_PRIOR, cache), converted)
+        convert(fetch(LAION_PRIOR, cache), converted, dtype)
     clip_path = None
     if not Checkpoint(converted).shapes(PREFIXES["clip"]):
         clip_path = fetch(OPENAI_CLIP, cache)
@@ -200,8 +222,8 @@ def laion_models(dtype: torch.dtype, device: torch.device | str) -> Models:
 def directory_models(path: Path, dtype: torch.dtype, device: torch.device | str) -> Models:
     if path.is_file():
         return load_checkpoint_models(path, None, dtype, device, str(path))
-    prior_path = path / PRIOR_FILE
-    if not prior_path.is_file():
+    prior_path = next((p for p in (path / converted_name(dtype), path / PRIOR_FILE) if p.is_file()), None)
+    if prior_path is None:
         candidates = sorted(p for p in path.glob("*.pth")) if path.is_dir() else []
         if len(candidates) != 1:
             raise WeightsUnavailable(f"{path}: expected {PRIOR_FILE} (python -m prior.convert) or a single .pth file")

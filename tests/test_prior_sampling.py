@@ -166,3 +166,21 @@ def test_ranking_keeps_the_candidate_closest_to_the_text():
     assert sample.best.tolist() == [1, 0]
     assert torch.equal(sample.image_embeds, torch.tensor([[2.0, 0.1], [5.0, 5.0]]))
     torch.testing.assert_close(sample.similarities[1], torch.tensor([2**-0.5, -1.0]))
+
+
+def test_strided_sampling_works_with_a_schedule_stored_in_fp16(oracle_and_ours):
+    """fp16 rounds alphas_cumprod[0] to 1 and the last to 0; the strided sampler uses the
+    exact schedule that the stored buffers were checked against."""
+    _, net, clip = oracle_and_ours
+    stored = {k: v.half() for k, v in NoiseSchedule.cosine().state_dict().items()}
+    schedule = NoiseSchedule.from_state_dict(stored)
+    text = clip.encode_text(clip.tokenize(CAPTIONS[:1]).ids)
+    sample = sample_image_embeds(net, schedule, text, torch.Generator().manual_seed(0), steps=4)
+    assert torch.isfinite(sample.image_embeds).all()
+
+
+def test_a_schedule_that_is_not_cosine_is_refused():
+    stored = NoiseSchedule.cosine().state_dict()
+    stored["alphas_cumprod"] = torch.linspace(0.9999, 0.0001, 1000)
+    with pytest.raises(ValueError, match="alphas_cumprod is not the cosine schedule"):
+        NoiseSchedule.from_state_dict(stored)

@@ -1,0 +1,292 @@
+"""Loading prior checkpoints: formats, wrappers, precision, errors, safety, sources."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import LAION_PRIOR, SMALL_PRIOR, oracle_prior
+
+from prior.checkpoint import Checkpoint, CheckpointError
+from prior.sampling import sample_image_embeds
+from prior.weights import WeightsUnavailable, convert, converted_name, load_models
+
+
+@pytest.fixture(scope="module")
+def prior_state(small_oracle):
+    return small_oracle.state_dict()
+
+
+@pytest.fixture(scope="module")
+def clip_state(small_clip_model):
+    return small_clip_model.state_dict()
+
+
+def full_state(prior_state, clip_state, dtype=torch.float16):
+    state = {**prior_state, **{f"clip.clip.{k}": v for k, v in clip_state.items()}}
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def assert_loaded(models, prior_state, dtype=torch.float16):
+    net = models.prior.net.state_dict()
+    for key, value in prior_state.items():
+        if key.startswith("net."):
+            assert torch.equal(net[key.removeprefix("net.")], value.to(dtype).float()), key
+
+
+@pytest.mark.parametrize("wrapper", ["raw", "ema_model", "model", "ema_model_prefixed"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_every_wrapper_and_precision_loads(tmp_path, prior_state, clip_state, wrapper, dtype):
+    state = full_state(prior_state, clip_state, dtype)
+    payload = {
+        "raw": state,
+        "ema_model": {"ema_model": state},
+        "model": {"model": state, "optimizer": {}, "step": 3},
+        "ema_model_prefixed": {"ema_model": {**{f"ema_model.{k}": v for k, v in state.items()}, "step": torch.ones(1)}},
+    }[wrapper]
+    path = tmp_path / "prior.pth"
+    torch.save(payload, path)
+    models = load_models(path, prior_dtype=torch.float32)
+    assert models.prior.config.dim == SMALL_PRIOR["dim"] and models.prior.config.depth == SMALL_PRIOR["depth"]
+    assert_loaded(models, prior_state, dtype)
+    assert models.clip.embed_dim == 64
+
+
+def test_prior_without_clip_takes_clip_from_the_directory(tmp_path, prior_state, clip_state):
+    torch.save({k: v.half() for k, v in prior_state.items()}, tmp_path / "prior.pth")
+    convert(tmp_path / "prior.pth", tmp_path / "prior.safetensors")
+    from prior.checkpoint import save_safetensors
+
+    save_safetensors(clip_state, tmp_path / "clip.safetensors")
+    (tmp_path / "prior.pth").unlink()
+    models = load_models(tmp_path, prior_dtype=torch.float32)
+    assert_loaded(models, prior_state)
+    weight = models.clip.model.token_embedding.weight
+    assert torch.equal(weight, clip_state["token_embedding.weight"])
+
+
+def test_prior_without_clip_and_no_clip_file_is_refused(tmp_path, prior_state):
+    torch.save(prior_state, tmp_path / "prior.pth")
+    with pytest.raises(WeightsUnavailable, match="carries no CLIP"):
+        load_models(tmp_path / "prior.pth")
+
+
+def test_safetensors_conversion_keeps_every_tensor(tmp_path, prior_state, clip_state):
+    state = full_state(prior_state, clip_state)
+    torch.save({"ema_model": state}, tmp_path / "prior.pth")
+    convert(tmp_path / "prior.pth", tmp_path / "out" / "prior.safetensors")
+    converted = dict(Checkpoint(tmp_path / "out" / "prior.safetensors").tensors())
+    assert converted.keys() == state.keys()
+    for key, value in state.items():
+        assert converted[key].dtype == value.dtype and torch.equal(converted[key], value), key
+    a = load_models(tmp_path / "prior.pth", prior_dtype=torch.float32).prior.net.state_dict()
+    b = load_models(tmp_path / "out", prior_dtype=torch.float32).prior.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_convert_command_writes_safetensors(tmp_path, prior_state, clip_state):
+    from prior.convert import main
+
+    torch.save(full_state(prior_state, clip_state), tmp_path / "in.pth")
+    assert main([str(tmp_path / "in.pth"), str(tmp_path / "prior.safetensors")]) == 0
+    assert load_models(tmp_path, prior_dtype=torch.float32).prior.config.dim == 64
+
+
+def test_loaded_in_bf16_keeps_rotary_frequencies_in_fp32(tmp_path, prior_state, clip_state):
+    torch.save(full_state(prior_state, clip_state), tmp_path / "p.pth")
+    net = load_models(tmp_path / "p.pth", prior_dtype=torch.bfloat16).prior.net
+    assert net.learned_query.dtype == torch.bfloat16
+    freqs = net.causal_transformer.layers[0][0].rotary_emb.freqs
+    assert freqs.dtype == torch.float32
+    assert torch.equal(freqs, prior_state["net.causal_transformer.layers.0.0.rotary_emb.freqs"].half().float())
+
+
+def test_a_file_converted_to_the_run_dtype_is_memory_mapped_not_copied(tmp_path, prior_state, clip_state):
+    torch.save(full_state(prior_state, clip_state), tmp_path / "p.pth")
+    path = convert(tmp_path / "p.pth", tmp_path / converted_name(torch.bfloat16), torch.bfloat16)
+    stored = Checkpoint(path).dtypes("net.")
+    assert stored["learned_query"] == torch.bfloat16
+    assert stored["causal_transformer.layers.0.0.rotary_emb.freqs"] == torch.float32
+    net = load_models(tmp_path, prior_dtype=torch.bfloat16).prior.net
+    size = path.stat().st_size
+    assert net.learned_query.untyped_storage().nbytes() == size  # a view of the whole mapped file
+    reference = load_models(tmp_path / "p.pth", prior_dtype=torch.bfloat16).prior.net.state_dict()
+    assert all(torch.equal(value, reference[name]) for name, value in net.state_dict().items())
+
+
+def test_mapped_weights_are_copy_on_write(tmp_path, prior_state, clip_state):
+    torch.save(full_state(prior_state, clip_state), tmp_path / "p.pth")
+    path = convert(tmp_path / "p.pth", tmp_path / converted_name(torch.bfloat16), torch.bfloat16)
+    before = path.read_bytes()
+    net = load_models(tmp_path, prior_dtype=torch.bfloat16).prior.net
+    net.learned_query.data.zero_()
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_truncated_file_gives_a_clear_error(tmp_path, prior_state, clip_state, suffix):
+    path = tmp_path / "prior.pth"
+    torch.save(full_state(prior_state, clip_state), path)
+    if suffix == ".safetensors":
+        convert(path, tmp_path / "prior.safetensors")
+        path = tmp_path / "prior.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(CheckpointError, match=rf"{path.name}.*truncated"):
+        load_models(path)
+
+
+def test_corrupted_file_gives_a_clear_error(tmp_path):
+    path = tmp_path / "prior.pth"
+    noise = random.Random(0).randbytes(4096)
+    path.write_bytes(b"\0" + noise)
+    with pytest.raises(CheckpointError, match="prior.pth: corrupted: neither a PyTorch"):
+        load_models(path)
+    path.write_bytes(b"PK\x03\x04" + noise)
+    with pytest.raises(CheckpointError, match="prior.pth: truncated or corrupted PyTorch file"):
+        load_models(path)
+    path = tmp_path / "prior.safetensors"
+    path.write_bytes((100).to_bytes(8, "little") + b"{not json" + bytes(200))
+    with pytest.raises(CheckpointError, match="corrupted safetensors header"):
+        load_models(path)
+
+
+def test_mis_shaped_and_missing_keys_are_named(tmp_path, prior_state, clip_state):
+    state = full_state(prior_state, clip_state)
+    state["net.causal_transformer.layers.1.0.to_q.weight"] = torch.zeros(3, 3)
+    del state["net.causal_transformer.norm.gamma"]
+    torch.save(state, tmp_path / "p.pth")
+    with pytest.raises(CheckpointError) as error:
+        load_models(tmp_path / "p.pth")
+    message = str(error.value)
+    assert "missing causal_transformer.norm.gamma" in message
+    assert "mis-shaped causal_transformer.layers.1.0.to_q.weight (3, 3) (expected (128, 64))" in message
+
+
+def test_unexpected_keys_are_named(tmp_path, prior_state, clip_state):
+    state = full_state(prior_state, clip_state)
+    state["net.causal_transformer.extra.weight"] = torch.zeros(2)
+    torch.save(state, tmp_path / "p.pth")
+    with pytest.raises(CheckpointError, match="unexpected causal_transformer.extra.weight"):
+        load_models(tmp_path / "p.pth")
+
+
+def test_a_foreign_checkpoint_is_refused(tmp_path):
+    torch.save(torch.nn.Conv2d(3, 8, 3).state_dict(), tmp_path / "resnet.pth")
+    with pytest.raises(
+        CheckpointError, match="not a dalle2-pytorch diffusion prior checkpoint: unexpected keys weight"
+    ):
+        load_models(tmp_path / "resnet.pth")
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pth_whose_pickle_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"net.learned_query": _RunsCode(marker)}, f)
+    torch.save({"state": _RunsCode(marker)}, tmp_path / "evil_zip.pth")
+    for candidate in (path, tmp_path / "evil_zip.pth"):
+        with pytest.raises(CheckpointError, match="refused to load"):
+            load_models(candidate)
+    assert not marker.exists()
+
+
+def test_missing_laion_weights_offline_fail_fast_with_instructions(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIDP_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    started = time.monotonic()
+    with pytest.raises(WeightsUnavailable) as error:
+        load_models("laion")
+    assert time.monotonic() - started < 2.0
+    message = str(error.value)
+    assert "prior_ema_fp16.pth" in message and "huggingface.co/laion/DALLE2-PyTorch" in message
+    assert "DIDP_WEIGHTS" in message and str(tmp_path) in message
+
+
+def test_hf_hub_offline_is_respected(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIDP_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailable, match="offline"):
+        load_models("laion")
+
+
+def test_converted_laion_weights_in_the_cache_load_without_network(tmp_path, monkeypatch, prior_state, clip_state):
+    monkeypatch.setenv("DIDP_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.save(full_state(prior_state, clip_state), tmp_path / "src.pth")
+    convert(tmp_path / "src.pth", tmp_path / "laion" / converted_name(torch.float32), torch.float32)
+    models = load_models("laion", prior_dtype=torch.float32)
+    assert models.name == "laion"
+    assert_loaded(models, prior_state)
+
+
+def test_unknown_weights_name_is_explained():
+    with pytest.raises(WeightsUnavailable, match="use tiny, laion or a path"):
+        load_models("no-such-weights")
+
+
+def test_tiny_weights_are_deterministic():
+    a = load_models("tiny", prior_dtype=torch.float32)
+    text = a.clip.encode_text(a.clip.tokenize("a cat").ids)
+    first = sample_image_embeds(a.prior.net, a.prior.schedule, text, torch.Generator().manual_seed(0))
+    b = load_models("tiny", prior_dtype=torch.float32)
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a.prior.net.state_dict().values(), b.prior.net.state_dict().values(), strict=True)
+    )
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.clip.state_dict().values(), b.clip.state_dict().values(), strict=True)
+    )
+    second = sample_image_embeds(
+        b.prior.net,
+        b.prior.schedule,
+        b.clip.encode_text(b.clip.tokenize("a cat").ids),
+        torch.Generator().manual_seed(0),
+    )
+    assert torch.equal(first.image_embeds, second.image_embeds)
+
+
+@pytest.mark.slow
+def test_full_size_laion_layout_checkpoint_loads_and_samples(tmp_path):
+    """A random fp16 checkpoint of the real LAION configuration and key layout (~500 MB)."""
+    oracle = oracle_prior(LAION_PRIOR)
+    state = {k: v.half() for k, v in oracle.state_dict().items()}
+    del oracle
+    torch.save(state, tmp_path / "prior_ema_fp16.pth")
+    from conftest import openai_clip_model
+
+    from prior.checkpoint import save_safetensors
+
+    save_safetensors(
+        openai_clip_model(embed_dim=768, transformer_width=768, transformer_heads=12).state_dict(),
+        tmp_path / "clip.safetensors",
+    )
+    models = load_models(tmp_path, prior_dtype=torch.float32)
+    config = models.prior.config
+    assert (config.dim, config.depth, config.heads, config.dim_head, config.ff_mult) == (768, 24, 32, 64, 4)
+    assert sum(p.numel() for p in models.prior.net.parameters()) == pytest.approx(249.2e6, rel=0.01)
+    assert_loaded(models, state)
+    text = models.clip.encode_text(models.clip.tokenize("a lighthouse").ids)
+    sample = sample_image_embeds(
+        models.prior.net, models.prior.schedule, text, torch.Generator().manual_seed(0), steps=4, cond_scale=2.0
+    )
+    assert sample.image_embeds.shape == (1, 768) and torch.isfinite(sample.image_embeds).all()
