@@ -63,7 +63,7 @@ class Predictor(BaseRunner):
             choices=["visualize", "embed"],
         ),
         offset_type: str = Input(
-            description="Deformable convolutions in the network: none, 1x1 (stable) or full (needs a lower offset_lr_fac).",
+            description="Deformable convolutions: none, 1x1 (stable) or full (wants a lower offset_lr_fac).",
             default="none",
             choices=["none", "1x1", "full"],
         ),
