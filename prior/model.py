@@ -85,10 +85,9 @@ class RotaryEmbedding(nn.Module):
         return (positions.to(self.freqs.dtype)[:, None] * self.freqs[None, :]).repeat_interleave(2, dim=-1)
 
 
-def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``angles.shape[-1]`` features of ``x [..., n, d]`` by position."""
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # angles stay float32
-    width = angles.shape[-1]
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` features of ``x [..., n, d]`` by position."""
+    width = cos.shape[-1]
     x_rot, x_pass = x[..., :width], x[..., width:]
     x1, x2 = x_rot.unflatten(-1, (-1, 2)).unbind(-1)
     half_turn = torch.stack((-x2, x1), dim=-1).flatten(-2)
@@ -138,11 +137,12 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        angles: torch.Tensor,
-        past: tuple[torch.Tensor, torch.Tensor] | None,
+        rotation: tuple[torch.Tensor, torch.Tensor],
+        kv: tuple[torch.Tensor, torch.Tensor],
         attn_bias: torch.Tensor,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """``x [b, n, dim]`` after ``past`` keys/values ``[b, p, dim_head]`` -> output, all keys/values.
+    ) -> torch.Tensor:
+        """``x [b, n, dim]`` -> ``[b, n, dim]``; its keys and values go into the last ``n`` rows of
+        the buffers ``kv`` (``[b, 1 + p + n, dim_head]``: the null key, ``p`` earlier tokens, these).
 
         ``attn_bias [b, n, heads, 1 + p + n]``. With one shared key head, the queries of every
         head and position form the rows of a single batched product (no transposes needed).
@@ -151,16 +151,13 @@ class Attention(nn.Module):
         x = self.norm(x)
         q = self.to_q(x).view(b, n, self.heads, self.dim_head) * self.scale
         k, v = self.to_kv(x).chunk(2, dim=-1)
-        q, k = rotate(q.transpose(1, 2), angles).transpose(1, 2), rotate(k, angles)
-        if past is not None:
-            k, v = torch.cat((past[0], k), dim=1), torch.cat((past[1], v), dim=1)
-        null_k, null_v = self.null_kv.to(x.dtype).unbind(0)
-        keys = torch.cat((null_k.expand(b, 1, -1), k), dim=1)
-        values = torch.cat((null_v.expand(b, 1, -1), v), dim=1)
+        q = rotate(q.transpose(1, 2), *rotation).transpose(1, 2)
+        keys, values = kv
+        keys[:, -n:] = rotate(k, *rotation)
+        values[:, -n:] = v
         sim = torch.baddbmm(attn_bias.reshape(b, n * self.heads, -1), q.reshape(b, n * self.heads, -1), keys.mT)
         attn = sim.softmax(dim=-1, dtype=torch.float32).to(values.dtype)
-        out = torch.bmm(attn, values).view(b, n, -1)
-        return self.to_out(out), (k, v)
+        return self.to_out(torch.bmm(attn, values).view(b, n, -1))
 
 
 class CausalTransformer(nn.Module):
@@ -190,31 +187,48 @@ class CausalTransformer(nn.Module):
         ]
         return bias.masked_fill(~visible, float("-inf"))
 
+    def kv_buffers(self, batch: int, length: int, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, key and value buffers ``[batch, 1 + length, dim_head]`` holding the null k/v."""
+        buffers = []
+        for attn, _ in self.layers:
+            null = attn.null_kv.to(like.dtype)
+            keys = like.new_empty(batch, 1 + length, attn.dim_head)
+            values = torch.empty_like(keys)
+            keys[:, 0], values[:, 0] = null[0], null[1]
+            buffers.append((keys, values))
+        return buffers
+
     def forward(
         self,
         x: torch.Tensor,
         start: int,
-        past: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        kv: list[tuple[torch.Tensor, torch.Tensor]],
         attn_bias: torch.Tensor,
-    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Run tokens at positions ``start..`` after cached keys/values ``past`` (one per layer)."""
-        angles = self.layers[0][0].rotary_emb.angles(torch.arange(start, start + x.shape[1], device=x.device))
+    ) -> torch.Tensor:
+        """Run tokens at positions ``start..`` after the ``start`` tokens whose keys and values fill
+        the buffers ``kv`` (one pair per layer, see ``kv_buffers``); theirs are written in too."""
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        angles = self.layers[0][0].rotary_emb.angles(positions)
+        rotation = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # angles stay float32
         bias = attn_bias.to(x.dtype)
-        kv = []
-        for i, (attn, ff) in enumerate(self.layers):
-            out, layer_kv = attn(x, angles, None if past is None else past[i], bias)
-            x = out + x
+        for (attn, ff), layer_kv in zip(self.layers, kv, strict=True):
+            x = attn(x, rotation, layer_kv, bias) + x
             x = ff(x) + x
-            kv.append(layer_kv)
-        return x, kv
+        return x
 
 
 @dataclass
 class PrefixCache:
-    """Keys and values of the 78 text tokens at every layer, and the bias of the 3 tail tokens."""
+    """Keys and values of the 78 text tokens at every layer, with room for the 3 tail tokens,
+    and the attention bias of the tail tokens."""
 
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, [b, 78, dim_head] each
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, [b, 1 + 78 + 3, dim_head] each
     attn_bias: torch.Tensor  # [b, 3, heads, 82]
+
+    @property
+    def start(self) -> int:
+        """Position of the first tail token (78)."""
+        return self.kv[0][0].shape[1] - 1 - NUM_TAIL_TOKENS
 
     @staticmethod
     def cat(caches: list[PrefixCache]) -> PrefixCache:
@@ -222,6 +236,11 @@ class PrefixCache:
         layers = zip(*(c.kv for c in caches), strict=True)
         kv = [(torch.cat([k for k, _ in layer]), torch.cat([v for _, v in layer])) for layer in layers]
         return PrefixCache(kv, torch.cat([c.attn_bias for c in caches], dim=0))
+
+    def repeat_interleave(self, n: int) -> PrefixCache:
+        """Each row ``n`` times in a row (captions -> candidates)."""
+        kv = [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in self.kv]
+        return PrefixCache(kv, self.attn_bias.repeat_interleave(n, 0))
 
 
 class PriorNetwork(nn.Module):
@@ -287,33 +306,38 @@ class PriorNetwork(nn.Module):
             (self._prefix_tokens(text_embed, text_encodings), self._tail_tokens(image_embed, timesteps)), 1
         )
         key_mask = F.pad(self._key_mask(text_mask, keep), (0, NUM_TAIL_TOKENS), value=True)
-        bias = self.causal_transformer.attn_bias(0, tokens.shape[1], key_mask)
-        x, _ = self.causal_transformer(tokens, 0, None, bias)
-        return self._readout(x)
+        transformer = self.causal_transformer
+        kv = transformer.kv_buffers(tokens.shape[0], tokens.shape[1], tokens)
+        return self._readout(transformer(tokens, 0, kv, transformer.attn_bias(0, tokens.shape[1], key_mask)))
 
     def encode_prefix(
         self, text_embed: torch.Tensor, text_encodings: torch.Tensor, text_mask: torch.Tensor, keep: torch.Tensor
     ) -> PrefixCache:
         """The per-request part of every step: run the 78 text tokens once."""
         tokens = self._prefix_tokens(text_embed, text_encodings)
+        b, n, _ = tokens.shape
         key_mask = self._key_mask(text_mask, keep)
         transformer = self.causal_transformer
-        _, kv = transformer(tokens, 0, None, transformer.attn_bias(0, tokens.shape[1], key_mask))
+        kv = transformer.kv_buffers(b, n + NUM_TAIL_TOKENS, tokens)
+        prefix_kv = [(k[:, : 1 + n], v[:, : 1 + n]) for k, v in kv]  # views: filled in place
+        transformer(tokens, 0, prefix_kv, transformer.attn_bias(0, n, key_mask))
         tail_mask = F.pad(key_mask, (0, NUM_TAIL_TOKENS), value=True)
-        return PrefixCache(kv, transformer.attn_bias(tokens.shape[1], NUM_TAIL_TOKENS, tail_mask))
+        return PrefixCache(kv, transformer.attn_bias(n, NUM_TAIL_TOKENS, tail_mask))
 
     def drop_text(self, cache: PrefixCache) -> PrefixCache:
         """The unconditional branch of ``cache``: every text key hidden, as 0.11.5's null pass.
 
-        Hidden keys need no values of their own, so the conditional ones are reused.
+        Hidden keys need no values of their own, so the buffers are shared.
         """
-        b, n = cache.kv[0][0].shape[:2]
+        b, n = cache.attn_bias.shape[0], cache.start
         key_mask = torch.zeros(b, n + NUM_TAIL_TOKENS, dtype=torch.bool, device=cache.attn_bias.device)
         key_mask[:, n:] = True
         return PrefixCache(cache.kv, self.causal_transformer.attn_bias(n, NUM_TAIL_TOKENS, key_mask))
 
     def step(self, image_embed: torch.Tensor, timesteps: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
-        """The x0 prediction from the 3 tail tokens after a cached prefix: ``[b, dim]`` float32."""
-        start = cache.kv[0][0].shape[1]
-        x, _ = self.causal_transformer(self._tail_tokens(image_embed, timesteps), start, cache.kv, cache.attn_bias)
-        return self._readout(x)
+        """The x0 prediction from the 3 tail tokens after a cached prefix: ``[b, dim]`` float32.
+
+        Writes the tail's keys and values into the cache's spare rows.
+        """
+        tokens = self._tail_tokens(image_embed, timesteps)
+        return self._readout(self.causal_transformer(tokens, cache.start, cache.kv, cache.attn_bias))

@@ -35,16 +35,10 @@ class PriorSample:
     best: torch.Tensor  # [b] index of the chosen candidate
 
 
-def repeat_rows(cache: PrefixCache, n: int) -> PrefixCache:
-    """Each row of ``cache`` ``n`` times in a row (captions -> candidates)."""
-    kv = [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in cache.kv]
-    return PrefixCache(kv, cache.attn_bias.repeat_interleave(n, 0))
-
-
 def make_denoiser(net: PriorNetwork, text: TextEncoding, candidates: int, cond_scale: float) -> Denoiser:
     """``x0(x_t [b*c, d], t)`` with the text prefix computed once (``b`` captions, ``c`` each)."""
     keep = torch.ones(text.embed.shape[0], dtype=torch.bool, device=text.embed.device)
-    cache = repeat_rows(net.encode_prefix(text.embed, text.encodings, text.mask, keep), candidates)
+    cache = net.encode_prefix(text.embed, text.encodings, text.mask, keep).repeat_interleave(candidates)
     guided = cond_scale != 1.0
     if guided:
         if not net.config.can_guide:
