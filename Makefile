@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The whole job offline on the tiny random models (a pipeline check: the pictures mean nothing).
 demo: $(STAMP)
-	$(PY) -m prior.demo
+	DIDP_WEIGHTS=tiny $(VENV)/bin/didp -i prompt="a lighthouse on a cliff at night" -i iterations=20 \
+		-i display_freq=10 -i num_scales=5 -i seed=7 -o outputs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -36,6 +38,19 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/run.py --quick --json benchmarks/results-quick.json
+
+# The real Cog HTTP server on 127.0.0.1:$(PORT), schema in place (coglet starts its worker as
+# `python` from PATH, hence the venv first on PATH). Tiny weights unless DIDP_WEIGHTS says otherwise.
+PORT ?= 5000
+DIDP_WEIGHTS ?= tiny
+serve: $(STAMP)
+	$(PY) -m didp.schema
+	PATH="$(abspath $(VENV))/bin:$$PATH" PYTHONPATH=. PORT=$(PORT) DIDP_WEIGHTS=$(DIDP_WEIGHTS) \
+		COG_PREDICT_TYPE_STUB=predict.py:Predictor $(PY) -m cog.server.http --host 127.0.0.1
+
+schema: $(STAMP)
+	$(PY) -m didp.schema
+	$(PY) -m didp.docs --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -37,6 +37,11 @@ OUTPUT_ROOT = LocalPath(os.environ.get("DIDP_OUTPUT_DIR", LocalPath(tempfile.get
 MAX_SEED = 100_000
 
 
+def _integral(value):
+    """``3.0`` -> ``3``: the server validates against the JSON schema, where 3.0 is an integer, and passes it on."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 class Predictor(BaseRunner):
     def setup(self) -> None:
         """Load CLIP and the prior once. Weights: ``DIDP_WEIGHTS`` (``laion``, ``tiny`` or a path)."""
@@ -56,7 +61,7 @@ class Predictor(BaseRunner):
     @streaming
     def run(
         self,
-        prompt: str = Input(description="Caption to visualise: what CLIP should see.", min_length=1),
+        prompt: str = Input(description="Caption to visualise: what CLIP should see.", min_length=1, regex=r"\S"),
         mode: str = Input(
             description="visualize: embeddings and images; embed: only the embeddings (fast).",
             default="visualize",
@@ -112,6 +117,10 @@ class Predictor(BaseRunner):
         ),
     ) -> Iterator[Path]:
         """Stream the embeddings (.npy), the images (PNG) and result.json."""
+        num_scales, size, display_freq, iterations = map(_integral, (num_scales, size, display_freq, iterations))
+        num_samples_per_batch, num_cutouts, prior_steps, seed = map(
+            _integral, (num_samples_per_batch, num_cutouts, prior_steps, seed)
+        )
         inputs = {k: v for k, v in locals().items() if k != "self"}
         settings = DipSettings(
             num_scales=num_scales,
@@ -127,8 +136,6 @@ class Predictor(BaseRunner):
             size=size,
             seed=resolve_seed(seed),
         ).validate()
-        if not prompt.strip():
-            raise ValueError("prompt: must contain more than white space")
         out = self._fresh_run_dir()
         timings: dict[str, float] = {}
         result: dict = {"inputs": inputs, "seed": settings.seed, "device": str(self.device), "weights": self.weights}

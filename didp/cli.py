@@ -1,0 +1,125 @@
+"""``didp``: run the predictor without Docker, with ``cog predict``'s ``-i key=value`` syntax.
+
+    didp -i prompt="a lighthouse at night" -i iterations=100 --weights tiny -o outputs/
+
+Inputs are checked by the same rules as the Cog server before any model is loaded; files are
+copied to ``-o`` as they are produced and their paths printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+PREDICTOR = ("predict", "Predictor")
+
+
+def _predictor_inputs() -> dict:
+    from cog import _inspector
+
+    return _inspector.create_predictor(*PREDICTOR).inputs
+
+
+def _describe(field) -> str:
+    kind = field.type.primitive.name.lower()
+    parts = [field.description or ""]
+    if field.choices:
+        parts.append(f"one of {', '.join(map(str, field.choices))}")
+    if field.ge is not None or field.le is not None:
+        low = "" if field.ge is None else _number(field.ge)
+        high = "" if field.le is None else _number(field.le)
+        parts.append(f"range {low}..{high}")
+    if field.min_length:
+        parts.append(f"at least {field.min_length} character(s)")
+    parts.append("required" if field.default is None else f"default {field.default!r}")
+    return f"  {field.name} ({kind}): " + "; ".join(p for p in parts if p)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def inputs_help() -> str:
+    fields = sorted(_predictor_inputs().values(), key=lambda f: f.order)
+    return "inputs (-i name=value):\n" + "\n".join(_describe(f) for f in fields)
+
+
+def parse_assignments(assignments: list[str], fields: dict) -> dict:
+    """``["iterations=100", ...]`` -> typed values (errors name the input)."""
+    values: dict = {}
+    for assignment in assignments:
+        name, sep, text = assignment.partition("=")
+        if not sep:
+            raise ValueError(f"{assignment!r}: expected name=value")
+        field = fields.get(name)
+        if field is None:
+            raise ValueError(f"{name}: unknown input (see didp --help)")
+        values[name] = _convert(text, field.type.primitive.name)
+    return values
+
+
+def _convert(text: str, kind: str):
+    """The typed value, or the text itself when it is not of the type (validation then says so
+    in the server's words)."""
+    try:
+        if kind == "INTEGER":
+            return int(text)
+        if kind == "FLOAT":
+            return float(text)
+    except ValueError:
+        pass
+    if kind == "BOOL" and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="didp",
+        description="What CLIP sees for a caption: the diffusion prior and the deep-image-prior visualiser.",
+        epilog=inputs_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE", help="an input")
+    parser.add_argument("--weights", help="tiny, laion or a directory of weights (default: $DIDP_WEIGHTS or laion)")
+    parser.add_argument(
+        "-o", "--output", type=Path, default=Path("outputs"), help="output directory (default outputs/)"
+    )
+    args = parser.parse_args(argv)
+
+    from didp.validation import validate_inputs
+
+    try:
+        values = validate_inputs(parse_assignments(args.input, _predictor_inputs()))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.weights:
+        os.environ["DIDP_WEIGHTS"] = args.weights
+
+    from predict import Predictor
+
+    predictor = Predictor()
+    predictor.record_metric = lambda name, value: None
+    try:
+        predictor.setup()
+    except Exception as error:  # a clear message, not a traceback, for missing or broken weights
+        print(f"error: setup failed: {error}", file=sys.stderr)
+        return 1
+    args.output.mkdir(parents=True, exist_ok=True)
+    try:
+        for produced in predictor.run(**values):
+            target = args.output / Path(produced).name
+            shutil.copyfile(produced, target)
+            print(target, flush=True)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

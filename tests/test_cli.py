@@ -1,0 +1,108 @@
+"""The ``didp`` command: the predictor without Docker, with ``cog predict``'s input syntax."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from didp.cli import main
+
+FAST = [
+    "-i",
+    "iterations=2",
+    "-i",
+    "display_freq=1",
+    "-i",
+    "num_scales=5",
+    "-i",
+    "num_cutouts=4",
+    "-i",
+    "prior_steps=8",
+]
+
+
+def run(tmp_path, capsys, *args):
+    code = main([*args, "--weights", "tiny", "-o", str(tmp_path)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_help_lists_every_input_with_range_and_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert (
+        "num_scales (integer): Depth of the network (6 suits 256 px, 7 suits 512 px).; range 1..10; default 6" in text
+    )
+    assert "offset_type (string)" in text and "one of none, 1x1, full" in text
+    assert "prompt (string)" in text and "required" in text
+    for name in ("seed", "guidance_scale", "prior_steps", "mode", "size", "display_freq", "iterations"):
+        assert f"  {name} (" in text
+
+
+def test_a_run_writes_and_prints_every_file(tmp_path, capsys):
+    code, out, _ = run(tmp_path, capsys, "-i", "prompt=a red cube", "-i", "seed=5", *FAST)
+    assert code == 0
+    printed = out.split()
+    names = [p.rsplit("/", 1)[-1] for p in printed]
+    assert names == [
+        "text_tokens.npy",
+        "text_embedding.npy",
+        "image_embedding.npy",
+        "step_0001.png",
+        "step_0002.png",
+        "result.json",
+    ]
+    assert np.load(tmp_path / "text_tokens.npy").shape == (1, 77)
+    assert Image.open(tmp_path / "step_0002.png").size == (256, 256)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["seed"] == 5 and result["inputs"]["iterations"] == 2
+
+
+def test_same_seed_twice_gives_identical_files(tmp_path, capsys):
+    digests = []
+    for attempt in ("a", "b"):
+        out = tmp_path / attempt
+        code, _, _ = run(out, capsys, "-i", "prompt=a blue sphere", "-i", "seed=11", *FAST)
+        assert code == 0
+        digests.append(
+            {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.suffix != ".json"}
+        )
+    assert digests[0] == digests[1] and len(digests[0]) == 5
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("num_scales=11", "num_scales"),
+        ("iterations=abc", "iterations"),
+        ("size=300", "size"),
+        ("offset_type=random", "offset_type"),
+        ("colour=red", "colour: unknown input"),
+    ],
+)
+def test_invalid_inputs_are_refused_before_any_work(tmp_path, capsys, arg, message):
+    code, out, err = run(tmp_path, capsys, "-i", "prompt=x", "-i", arg)
+    assert code == 2 and out == ""
+    assert message in err
+
+
+def test_a_missing_prompt_is_refused(tmp_path, capsys):
+    code, _, err = run(tmp_path, capsys, "-i", "seed=1")
+    assert code == 2 and "prompt" in err
+
+
+def test_impossible_num_scales_for_the_size_names_the_input(tmp_path, capsys):
+    code, out, err = run(tmp_path, capsys, "-i", "prompt=x", "-i", "num_scales=10", "-i", "size=256")
+    assert code == 2 and "num_scales" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_weights_fail_with_a_clear_message(tmp_path, capsys):
+    code = main(["-i", "prompt=x", "--weights", str(tmp_path / "nowhere"), "-o", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "setup failed" in err and "nowhere" in err
