@@ -26,28 +26,27 @@ def _cubic(x: torch.Tensor) -> torch.Tensor:
 
 
 def resize_weights(side: int, offsets: torch.Tensor, sizes: torch.Tensor, out_size: int) -> torch.Tensor:
-    """Antialiased bicubic resize matrices of 1-D crops, ``[n, out_size, side]``.
+    """Antialiased bicubic resize matrices of 1-D crops, ``[n, out_size, side]`` float32.
 
     Row ``o`` of matrix ``i`` weights the input pixels ``offsets[i] .. offsets[i] + sizes[i] - 1``
-    (int tensors ``[n]``) to give output pixel ``o``; it mirrors PyTorch's antialiased bicubic
-    (support widened by the scale when shrinking, window clipped to the crop, weights
-    renormalised), so ``W @ x`` equals ``F.interpolate`` of the crop.
+    (int tensors ``[n]``) to give output pixel ``o``. It follows PyTorch's antialiased bicubic
+    (the kernel widened by the scale when shrinking, the taps clipped to the crop and the
+    weights renormalised), so ``W @ x`` equals ``F.interpolate`` of the crop. Only the few taps
+    in each row's support are evaluated, then scattered into place.
     """
-    device = offsets.device
-    sizes_f = sizes.to(device=device, dtype=torch.float64)[:, None, None]
-    scale = sizes_f / out_size
-    support = 2.0 * scale.clamp(min=1.0)
-    inv_scale = 1.0 / scale.clamp(min=1.0)
-    centre = scale * (torch.arange(out_size, device=device, dtype=torch.float64)[None, :, None] + 0.5)
-    j = torch.arange(side, device=device, dtype=torch.float64)[None, None, :] - offsets.to(device)[:, None, None]
-    window = (
-        (j >= torch.floor(centre - support + 0.5).clamp(min=0))
-        & (j < torch.floor(centre + support + 0.5))
-        & (j >= 0)
-        & (j < sizes_f)
-    )
-    weights = torch.where(window, _cubic((j - centre + 0.5) * inv_scale), 0.0)
-    return (weights / weights.sum(dim=-1, keepdim=True)).float()
+    sizes = sizes.to(torch.float64)[:, None, None]
+    scale = sizes / out_size
+    stretch = scale.clamp(min=1.0)  # shrinking widens the kernel: that is the antialiasing
+    support = 2.0 * stretch
+    centre = scale * (torch.arange(out_size, dtype=torch.float64)[None, :, None] + 0.5)
+    first = torch.floor(centre - support + 0.5).clamp(min=0)
+    end = torch.minimum(torch.floor(centre + support + 0.5), sizes)
+    taps = first + torch.arange(int(2 * support.max().item()) + 2, dtype=torch.float64)  # [n, out, k]
+    weights = torch.where(taps < end, _cubic((taps - centre + 0.5) / stretch), 0.0)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    columns = (taps.clamp(max=sizes - 1).long() + offsets[:, None, None]).clamp(max=side - 1)
+    matrix = torch.zeros(len(offsets), out_size, side, dtype=torch.float64)
+    return matrix.scatter_add_(2, columns, weights).float()
 
 
 def crop_and_resize(
@@ -58,8 +57,9 @@ def crop_and_resize(
     Crop ``i`` has side ``sizes[i]`` and top-left corner ``(offsets_y[i], offsets_x[i])``, all
     int tensors ``[n]`` with the crop inside the image. Differentiable in ``image``.
     """
-    rows = resize_weights(image.shape[-2], offsets_y, sizes, out_size).to(image.device, image.dtype)
-    cols = resize_weights(image.shape[-1], offsets_x, sizes, out_size).to(image.device, image.dtype)
+    # built on the CPU; non_blocking keeps the copy to a GPU from waiting for the GPU's queue
+    rows = resize_weights(image.shape[-2], offsets_y, sizes, out_size).to(image.device, image.dtype, non_blocking=True)
+    cols = resize_weights(image.shape[-1], offsets_x, sizes, out_size).to(image.device, image.dtype, non_blocking=True)
     # [n, 1, S, h] @ [1, c, h, w] @ [n, 1, w, S] -> [n, c, S, S]
     return rows[:, None] @ image @ cols[:, None].transpose(-1, -2)
 

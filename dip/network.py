@@ -122,12 +122,12 @@ class Level(nn.Module):
         self.skip = nn.Sequential(nn.Conv2d(in_channels, skip_channels, 1), *norm_act(skip_channels))
         self.deeper = nn.Sequential(
             conv3x3(in_channels, channels, offset_type),
-            Downsample(channels),
+            Downsample(),
             *norm_act(channels),
             conv3x3(channels, channels, offset_type),
             *norm_act(channels),
             *([inner] if inner is not None else []),
-            Upsample(channels),
+            Upsample(),
         )
         self.merge = nn.Sequential(
             nn.BatchNorm2d(skip_channels + channels),

@@ -1,0 +1,223 @@
+"""The optimisation loop: frames, display steps, seeding, learning rates, precision, cancellation."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import dip.loop
+from dip import DipSettings, Frame, default_precision, is_display_step, visualise
+from dip.network import offset_parameters
+from prior.factory import random_models
+
+# Small and fast: 32 px, 3 scales, 4 cutouts. Each step takes well under 0.1 s on 2 cores.
+SMALL = DipSettings(size=32, num_scales=3, num_cutouts=4, iterations=4, display_freq=2, seed=7)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return random_models("tiny").clip
+
+
+@pytest.fixture(scope="module")
+def target(clip):
+    return torch.randn(clip.embed_dim, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def created(monkeypatch):
+    """Records the networks and optimisers the loop builds."""
+    made = {"net": [], "optimiser": []}
+    original_build, original_madgrad = dip.loop.build_network, dip.loop.MADGRAD
+
+    def build_network(*args, **kwargs):
+        made["net"].append(net := original_build(*args, **kwargs))
+        return net
+
+    class RecordingMADGRAD(original_madgrad):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made["optimiser"].append(self)
+
+    monkeypatch.setattr(dip.loop, "build_network", build_network)
+    monkeypatch.setattr(dip.loop, "MADGRAD", RecordingMADGRAD)
+    return made
+
+
+def steps(target, clip, settings, **kwargs) -> list[int]:
+    return [frame.step for frame in visualise(target, clip, settings, **kwargs)]
+
+
+@pytest.mark.parametrize(
+    ("iterations", "display_freq", "expected"),
+    [
+        (10, 5, [5, 10]),
+        (10, 3, [3, 6, 9, 10]),  # the final step always, even off the grid
+        (10, 10, [10]),  # the final step only once
+        (10, 0, [10]),  # 0: the final image only
+        (3, 25, [3]),  # fewer iterations than display_freq: still the final image
+        (1, 1, [1]),
+        (0, 25, [0]),  # no steps: the untrained network's image
+        (0, 0, [0]),
+    ],
+)
+def test_display_steps(iterations, display_freq, expected):
+    assert [k for k in range(iterations + 1) if is_display_step(k, iterations, display_freq)] == expected
+
+
+@pytest.mark.parametrize(("iterations", "display_freq", "expected"), [(5, 2, [2, 4, 5]), (3, 0, [3]), (2, 25, [2])])
+def test_loop_yields_display_steps_and_the_final_step(target, clip, iterations, display_freq, expected):
+    assert steps(target, clip, SMALL.replace(iterations=iterations, display_freq=display_freq)) == expected
+
+
+def test_zero_iterations_yield_the_untrained_image_once(target, clip):
+    (frame,) = visualise(target, clip, SMALL.replace(iterations=0))
+    (first,) = visualise(target, clip, SMALL.replace(iterations=1))
+    assert frame.step == 0
+    # step 1 renders the same untrained network from the same seed
+    assert torch.equal(frame.image, first.image)
+    assert frame.metrics["loss"] > 0
+
+
+def test_frame_holds_a_cpu_image_in_unit_range_and_metrics(target, clip):
+    frame = next(iter(visualise(target, clip, SMALL)))
+    assert isinstance(frame, Frame)
+    step, image, metrics = frame
+    assert step == 2
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and image.device.type == "cpu"
+    assert not image.requires_grad
+    assert image.min().item() >= 0 and image.max().item() <= 1
+    assert set(metrics) >= {"loss", "similarity", "lr", "seed"}
+    assert -1 <= metrics["similarity"] <= 1 and metrics["seed"] == 7
+
+
+def test_similarity_is_the_whole_images_cosine_to_the_target(target, clip):
+    frame = next(iter(visualise(target, clip, SMALL)))
+    expected = clip.embed_image(frame.image[None]) @ torch.nn.functional.normalize(target, dim=0)
+    assert frame.metrics["similarity"] == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_target_may_be_batched_and_unnormalised(target, clip):
+    a = [f.image for f in visualise(target, clip, SMALL)]
+    b = [f.image for f in visualise(4 * target[None], clip, SMALL)]  # a power of 2 normalises exactly
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_same_seed_gives_bitwise_equal_images(target, clip):
+    noisy = SMALL.replace(input_noise_strength=0.5, param_noise_strength=0.5)  # every random stream in use
+    torch.manual_seed(1)
+    a = [f.image for f in visualise(target, clip, noisy)]
+    torch.manual_seed(2)  # the global RNG plays no part
+    b = [f.image for f in visualise(target, clip, noisy)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_different_seeds_give_different_images(target, clip):
+    a = [f.image for f in visualise(target, clip, SMALL)]
+    b = [f.image for f in visualise(target, clip, SMALL.replace(seed=8))]
+    assert all((x - y).abs().max().item() > 1e-3 for x, y in zip(a, b, strict=True))
+
+
+def test_the_loop_leaves_the_global_rng_alone(target, clip):
+    state = torch.get_rng_state()
+    list(visualise(target, clip, SMALL.replace(input_noise_strength=0.5, param_noise_strength=0.5)))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_seed_minus_one_draws_and_reports_a_seed_that_reproduces_the_run(target, clip):
+    frames = list(visualise(target, clip, SMALL.replace(seed=-1)))
+    seed = frames[0].metrics["seed"]
+    assert isinstance(seed, int) and seed >= 0
+    assert all(f.metrics["seed"] == seed for f in frames)
+    again = list(visualise(target, clip, SMALL.replace(seed=seed)))
+    assert torch.equal(frames[-1].image, again[-1].image)
+
+
+@pytest.mark.parametrize(("noise", "value"), [("input_noise_strength", 0.5), ("param_noise_strength", 1.0)])
+def test_noise_strengths_change_the_result(target, clip, noise, value):
+    plain = list(visualise(target, clip, SMALL))[-1].image
+    noisy = list(visualise(target, clip, SMALL.replace(**{noise: value})))[-1].image
+    assert (plain - noisy).abs().max().item() > 1e-3
+
+
+def test_lr_decays_after_every_step(target, clip):
+    frames = list(visualise(target, clip, SMALL.replace(iterations=5, display_freq=1, lr=2e-3, lr_decay=0.5)))
+    assert [f.metrics["lr"] for f in frames] == pytest.approx([2e-3 * 0.5**k for k in range(5)], rel=1e-12)
+
+
+@pytest.mark.parametrize("offset_type", ["1x1", "full"])
+def test_offset_group_lr_is_scaled_and_decays_too_and_its_layers_learn(target, clip, created, offset_type):
+    settings = SMALL.replace(iterations=6, display_freq=3, lr=1e-2, lr_decay=0.9, offset_lr_fac=0.1)
+    frames = visualise(target, clip, settings.replace(offset_type=offset_type, size=24))
+    next(frames)  # frame 3: its lr has decayed twice
+    (optimiser,), (net,) = created["optimiser"], created["net"]
+    main, offsets = optimiser.param_groups
+    assert main["lr"] == pytest.approx(1e-2 * 0.9**2, rel=1e-12)
+    assert offsets["lr"] == pytest.approx(1e-3 * 0.9**2, rel=1e-12)
+    assert {id(p) for p in offsets["params"]} == {id(p) for p in offset_parameters(net)}
+    # the offset branches start at zero and have moved
+    assert max(p.abs().max().item() for p in offsets["params"]) > 1e-5
+    frames.close()
+
+
+def test_optimisation_raises_the_similarity(target, clip):
+    settings = DipSettings(size=64, num_scales=4, num_cutouts=4, iterations=30, display_freq=0, seed=1)
+    (start,) = visualise(target, clip, settings.replace(iterations=0))
+    (end,) = visualise(target, clip, settings)
+    # a random direction: about 0.03 for the untrained image; 0.19 after 30 steps on 2 cores
+    assert end.metrics["similarity"] > start.metrics["similarity"] + 0.1
+
+
+def test_closing_the_generator_releases_the_network_and_optimiser(target, clip, created):
+    frames = visualise(target, clip, SMALL.replace(iterations=10, display_freq=1))
+    next(frames)
+    refs = [weakref.ref(created["net"][0]), weakref.ref(created["optimiser"][0])]
+    params = [weakref.ref(p) for p in created["net"][0].parameters()]
+    created.clear()
+    frames.close()
+    assert all(ref() is None for ref in refs + params)  # freed by reference counting, no gc needed
+
+
+def test_a_failing_loop_releases_its_tensors_too(target, clip, created, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    frames = visualise(target, clip, SMALL)
+    monkeypatch.setattr(dip.loop, "spherical_distance", fail)
+    with pytest.raises(RuntimeError, match="boom") as caught:
+        next(frames)
+    net = weakref.ref(created["net"][0])
+    created.clear()
+    gc.collect()
+    assert caught.value.__traceback__ is not None and net() is None  # even while the traceback lives
+
+
+def test_settings_are_checked_before_any_work(target, clip, created):
+    with pytest.raises(ValueError, match="num_scales=7 does not fit size=256"):
+        visualise(target, clip, DipSettings(num_scales=7))
+    assert created["net"] == []
+
+
+def test_target_shape_is_checked(target, clip):
+    with pytest.raises(ValueError, match="target must have shape"):
+        visualise(torch.randn(2, clip.embed_dim), clip, SMALL)
+
+
+def test_precision_is_checked(target, clip):
+    with pytest.raises(ValueError, match="CUDA"):
+        visualise(target, clip, SMALL, precision="fp16")
+    with pytest.raises(ValueError, match="precision"):
+        visualise(target, clip, SMALL, precision="fp64")
+
+
+def test_bf16_autocast_runs_and_stays_close_to_fp32(target, clip):
+    fp32 = list(visualise(target, clip, SMALL, precision="fp32"))[-1]
+    bf16 = list(visualise(target, clip, SMALL, precision="bf16"))[-1]
+    assert bf16.image.dtype == torch.float32
+    assert bf16.metrics["similarity"] == pytest.approx(fp32.metrics["similarity"], abs=0.05)
+
+
+def test_default_precision_is_fp16_on_cuda_and_fp32_on_the_cpu():
+    assert default_precision(torch.device("cuda")) == "fp16"
+    assert default_precision(torch.device("cpu")) == "fp32"
