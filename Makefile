@@ -20,8 +20,8 @@ install: $(STAMP)
 
 # The whole job offline on the tiny random models (a pipeline check: the pictures mean nothing).
 demo: $(STAMP)
-	DIDP_WEIGHTS=tiny $(VENV)/bin/didp -i prompt="a lighthouse on a cliff at night" -i iterations=20 \
-		-i display_freq=10 -i num_scales=5 -i seed=7 -o outputs/demo
+	DIDP_WEIGHTS=tiny $(VENV)/bin/didp -i prompt="a lighthouse on a cliff at night" -i iterations=10 \
+		-i display_freq=5 -i num_scales=5 -i seed=7 -o outputs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
