@@ -64,12 +64,19 @@ def parse_sse(text: str) -> list[tuple[str, dict]]:
 class CogServer:
     """One ``python -m cog.server.http`` process (and its worker), stopped on exit."""
 
-    def __init__(self, weights: str = "tiny", output_dir: Path | None = None, log_path: Path | None = None):
+    def __init__(
+        self,
+        weights: str = "tiny",
+        output_dir: Path | None = None,
+        log_path: Path | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.weights = weights
         self.output_dir = output_dir
         self.log_path = log_path or Path(os.devnull)
+        self.extra_env = env or {}  # more environment for the server, e.g. DIDP_MEMORY_BUDGET_MB
         self.process: subprocess.Popen | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -87,6 +94,7 @@ class CogServer:
         }
         if self.output_dir is not None:
             env["DIDP_OUTPUT_DIR"] = str(self.output_dir)
+        env.update(self.extra_env)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         # A session of its own: stop() ends the server and its worker together, and nothing else.
         self.process = subprocess.Popen(
@@ -139,6 +147,24 @@ class CogServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and its worker (their process group), from ``/proc``."""
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == self.process.pid:  # the process group: fields[2] is pgrp
+                    total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # rss in pages
+            except (OSError, IndexError, ValueError):
+                continue  # a process that ended meanwhile
+        return total
+
+    def log_text(self) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")
+        except OSError:
+            return ""
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
@@ -157,6 +183,17 @@ class CogServer:
             return requests.post(f"{self.url}/predictions", data=body, headers=headers, timeout=timeout)
         return requests.post(f"{self.url}/predictions", json=body, headers=headers, timeout=timeout)
 
+    def post_when_free(self, body: dict | str, headers: dict | None = None, timeout: float = 300) -> requests.Response:
+        """``post``, retried while the server answers 409: coglet 0.23.1 sometimes frees its slot a
+        moment after sending the previous response, so even a strictly sequential client can get a
+        409 (a few percent of requests that follow a visualisation)."""
+        for attempt in range(20):
+            response = self.post(body, headers=headers, timeout=timeout)
+            if response.status_code != 409:
+                return response
+            time.sleep(0.01 * 2 ** min(attempt, 6))
+        return response
+
     def predict(self, **inputs) -> dict:
         """A synchronous prediction; the response JSON (asserts HTTP 200)."""
         response = self.post({"input": inputs})
@@ -172,6 +209,22 @@ class CogServer:
 
     def cancel(self, prediction_id: str) -> requests.Response:
         return requests.post(f"{self.url}/predictions/{prediction_id}/cancel", timeout=10)
+
+
+@contextlib.contextmanager
+def running(*servers: CogServer):
+    """Start several servers at once, so that their start-ups overlap; wait for every set-up; stop
+    them all on exit."""
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_for_setup()
+        yield servers
+    finally:
+        for server in servers:
+            if server.process is not None:
+                server.stop()
 
 
 class WebhookReceiver:
