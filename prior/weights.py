@@ -174,7 +174,11 @@ def load_checkpoint_models(
     else:
         raise WeightsUnavailable(f"{prior_path} carries no CLIP (clip.clip.*) and no CLIP file was given")
     if clip.embed_dim != prior.config.dim:
-        raise CheckpointError(f"CLIP embeds in {clip.embed_dim} dimensions but the prior expects {prior.config.dim}")
+        clip_source = prior_path if clip_path is None else clip_path
+        raise CheckpointError(
+            f"{clip_source}: CLIP embeds in {clip.embed_dim} dimensions but the prior expects {prior.config.dim}"
+            + ("" if clip_source == prior_path else f" (prior: {prior_path})")
+        )
     return Models(clip, prior, name)
 
 

@@ -107,14 +107,7 @@ WEIGHT_FAULTS = [
     "foreign-keys",
     "foreign-model-clip-only",
     "foreign-shapes",
-    pytest.param(
-        "foreign-clip-dimension",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="prior/weights.py load_checkpoint_models: 'CLIP embeds in N dimensions but the prior "
-            "expects M' names neither file",
-        ),
-    ),
+    "foreign-clip-dimension",
 ]
 SERVER_WEIGHT_FAULTS = ["truncated-pth", "corrupted-noise", "foreign-shapes"]  # one of each kind, through HTTP
 
