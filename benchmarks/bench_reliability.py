@@ -8,7 +8,10 @@ tests/test_hostile_inputs.py); ``run`` gathers their figures:
   ``reliability.sequential_409_retries``: how often coglet still answered 409 for a request sent
   right after the previous response (the client retries those, as clients of a busy Cog server do);
 - ``reliability.rss_growth_pct``: the server's and worker's resident memory after the last
-  request against after request 20; ``reliability.disk_growth_mb``: the output directory likewise;
+  request against after request 20 (``reliability.rss_trend_pct``: the same along a line fitted
+  through the samples after every tenth request);
+  ``reliability.disk_growth_mb``: the output directory likewise; ``reliability.coglet_dirs_left``:
+  the directories coglet 0.23.1 leaves in ``/tmp/coglet/predictions``, one per prediction;
 - ``reliability.concurrent_ok_or_409`` of ``reliability.concurrent_requests`` (8 at once):
   served with its own outputs, or refused with 409;
 - ``reliability.fuzz_cases`` / ``reliability.fuzz_5xx``: schemathesis cases plus hand-written
@@ -25,6 +28,7 @@ import binascii
 import io
 import json
 import random
+import statistics
 import sys
 import tempfile
 import threading
@@ -132,6 +136,14 @@ class Endurance:
 
     def growth_pct(self, early: int, late: int) -> float:
         return 100.0 * (self.rss[late] - self.rss[early]) / self.rss[early]
+
+    def trend_growth_pct(self, early: int, late: int) -> float:
+        """Growth from ``early`` to ``late`` along a least-squares line through every sample between
+        them: a leak shows as a trend, while single samples move by a few percent either way with
+        whatever the allocator happens to hold at that moment."""
+        points = [(i, rss) for i, rss in sorted(self.rss.items()) if early <= i <= late]
+        slope, intercept = statistics.linear_regression([i for i, _ in points], [rss for _, rss in points])
+        return 100.0 * slope * (late - early) / (slope * early + intercept)
 
     def disk_growth_mb(self, early: int, late: int) -> float:
         return (self.disk[late] - self.disk[early]) / 2**20
@@ -570,6 +582,7 @@ def run(quick: bool) -> dict[str, float]:
             figures["reliability.requests_ok"] = float(load.ok)
             figures["reliability.sequential_409_retries"] = float(load.conflicts)
             figures["reliability.rss_growth_pct"] = round(load.growth_pct(20, 200), 2)
+            figures["reliability.rss_trend_pct"] = round(load.trend_growth_pct(20, 200), 2)
             figures["reliability.disk_growth_mb"] = round(load.disk_growth_mb(20, 200), 3)
             figures["reliability.rss_mb_after_20"] = round(load.rss[20] / 2**20, 1)
             figures["reliability.seconds_per_request"] = round(load.seconds / load.total, 3)

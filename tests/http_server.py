@@ -30,6 +30,14 @@ ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 120.0  # seconds: importing torch and a tiny setup() take a few on a loaded machine
 
 
+def cog_yaml_environment() -> dict[str, str]:
+    """``environment`` of cog.yaml (``NAME=value`` items), which Cog sets in the container at run time."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "cog.yaml").read_text()) or {}
+    return dict(item.split("=", 1) for item in config.get("environment") or [])
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -84,6 +92,7 @@ class CogServer:
     def start(self) -> CogServer:
         env = {
             **os.environ,
+            **cog_yaml_environment(),
             "PORT": str(self.port),
             "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
             "DIDP_WEIGHTS": self.weights,
@@ -175,6 +184,17 @@ class CogServer:
 
     def health(self) -> dict:
         return requests.get(f"{self.url}/health-check", timeout=10).json()
+
+    def settled_status(self, timeout: float = 15.0) -> str:
+        """The health status once the worker has settled: coglet 0.23.1 reports BUSY for a moment
+        after it has sent a prediction's response (more often on a loaded machine), so a check
+        right after a response polls until READY, or returns whatever it still says at ``timeout``."""
+        deadline = time.monotonic() + timeout
+        status = self.health()["status"]
+        while status == "BUSY" and time.monotonic() < deadline:
+            time.sleep(0.1)
+            status = self.health()["status"]
+        return status
 
     def post(self, body: dict | str, headers: dict | None = None, timeout: float = 300) -> requests.Response:
         """``POST /predictions`` with a JSON body (or raw text)."""

@@ -228,7 +228,7 @@ def test_a_request_over_the_memory_budget_is_refused_up_front(fault_servers):
         assert words in error, error
     assert body["metrics"]["predict_time"] < 1.0  # before any work
     assert not list(outputs.iterdir())  # no run directory was made
-    assert server.health()["status"] == "READY"
+    assert server.settled_status() == "READY"
     ok = server.post_when_free({"input": {"prompt": "a lighthouse", **SMALL}}).json()  # under the budget
     assert ok["status"] == "succeeded", ok.get("error")
 
@@ -421,7 +421,7 @@ def test_an_unwritable_output_dir_fails_the_request_and_the_server_stays_up(faul
     assert body["status"] == "failed"
     assert "cannot write the outputs" in body["error"] and "Not a directory" in body["error"]
     assert "DIDP_OUTPUT_DIR" in body["error"]
-    assert server.health()["status"] == "READY"
+    assert server.settled_status() == "READY"
     (blocked / "blocker").unlink()  # the operator fixes the directory: no restart needed
     body = server.post_when_free({"input": {"prompt": "a lighthouse", **EMBED}}).json()
     assert body["status"] == "succeeded", body.get("error")

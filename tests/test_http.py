@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 
 import numpy as np
 import pytest
@@ -252,16 +251,6 @@ def test_a_body_that_is_not_json_is_rejected_with_400(server):
 # -- cancellation -------------------------------------------------------------------------------------------
 
 
-def eventually_ready(server, timeout: float = 15.0) -> bool:
-    """The worker reports READY a moment after a cancelled run has unwound."""
-    deadline = time.monotonic() + timeout
-    while server.health()["status"] != "READY":
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def test_cancelling_a_running_prediction(server, output_dir):
     with WebhookReceiver() as hooks:
         body = {"id": "to-cancel", "input": {**SMALL, "iterations": 200}, "webhook": hooks.url}
@@ -273,7 +262,7 @@ def test_cancelling_a_running_prediction(server, output_dir):
         final = hooks.wait_for(lambda event: event["status"] != "processing")
     assert final["status"] == "canceled"
     assert list(output_dir.iterdir()) == []  # run() removed the cancelled run's files
-    assert eventually_ready(server)
+    assert server.settled_status() == "READY"  # once the cancelled run has unwound
     assert server.predict(**FAST)["status"] == "succeeded"
 
 
