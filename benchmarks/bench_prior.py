@@ -56,12 +56,14 @@ def text_condition(dim: int, seed: int = 0) -> TextEncoding:
 
 
 _LOAD_SCRIPT = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 sys.path.insert(0, sys.argv[2])
 from prior.checkpoint import Checkpoint
 from prior.weights import load_prior
+def status(field):  # VmHWM, not ru_maxrss: Linux carries the forking parent's peak RSS across exec into ru_maxrss
+    return int(open('/proc/self/status').read().split(field + ':')[1].split()[0]) * 1024
 def rss():
-    return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) * 1024
+    return status('VmRSS')
 dtype = getattr(torch, sys.argv[3])
 before = rss()
 started = time.perf_counter()
@@ -72,7 +74,7 @@ with torch.inference_mode():  # touch every weight: mapped pages count once they
     mask = torch.ones(1, 77, dtype=torch.bool)
     prior.net(torch.zeros(1, dim), torch.zeros(1, dtype=torch.long), torch.zeros(1, dim), torch.zeros(1, 77, dim),
               mask, mask[:, 0])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status('VmHWM')
 model = sum(t.numel() * t.element_size() for t in prior.net.state_dict().values())
 print(json.dumps({"seconds": seconds, "peak_over_model": (peak - before) / model}))
 """

@@ -101,6 +101,11 @@ class DeformableConv3x3(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         padded = self.pad(x)
         offsets = self.offset_branch(x if self.offset_type == "1x1" else padded)
+        if torch.is_autocast_enabled(padded.device.type):
+            # torchvision's deform_conv2d has no bf16 kernel on the CPU and autocasts only on
+            # CUDA: run it in float32 (its output re-enters autocast at the next layer)
+            with torch.autocast(padded.device.type, enabled=False):
+                return self.conv(padded.float(), offsets.float())
         return self.conv(padded, offsets)
 
 

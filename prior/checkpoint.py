@@ -4,7 +4,8 @@ A checkpoint is a ``DiffusionPrior`` state dict: ``net.*`` (the network), ``nois
 (13 schedule buffers) and possibly ``clip.clip.*`` (OpenAI CLIP). It may come raw or wrapped as
 ``{"ema_model": ...}`` / ``{"model": ...}``, in fp16 or fp32, as ``.pth`` or ``.safetensors``.
 
-- ``.pth`` files are read with ``torch.load(weights_only=True)``: no pickled code ever runs.
+- ``.pth`` files are read with ``torch.load(weights_only=True)``: no pickled code ever runs. A
+  zip-format ``.pth`` is first checked against its records' CRC-32s.
 - ``.safetensors`` files are read tensor by tensor with plain reads into fresh buffers, not
   through a memory map, so loading peaks at the model's size plus one tensor.
 """
@@ -15,6 +16,7 @@ import json
 import os
 import pickle
 import struct
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +80,8 @@ class Checkpoint:
             magic = f.read(4)
         if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
             raise CheckpointError(f"{self.path}: corrupted: neither a PyTorch (zip or pickle) nor a safetensors file")
+        if magic.startswith(b"PK"):
+            self._check_zip()
         try:
             try:
                 return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
@@ -95,6 +99,21 @@ class Checkpoint:
             ) from None
         except Exception as error:  # torch raises many types on damaged archives
             raise CheckpointError(f"{self.path}: truncated or corrupted PyTorch file ({error})") from None
+
+    def _check_zip(self) -> None:
+        """Verify every record of a zip-format ``.pth`` against its CRC-32 before unpickling.
+
+        ``torch.load`` does not, so flipped bytes in tensor data would load silently as wrong
+        weights, and flipped bytes in the pickle would read as a refusal. It reads the file once
+        (about a second per GB); LAION's ``.pth`` is read only when it is converted.
+        """
+        try:
+            with zipfile.ZipFile(self.path) as archive:
+                bad = archive.testzip()
+        except Exception as error:  # BadZipFile, EOFError, zlib.error, OSError ... on damaged archives
+            raise CheckpointError(f"{self.path}: truncated or corrupted PyTorch file ({error})") from None
+        if bad is not None:
+            raise CheckpointError(f"{self.path}: corrupted: the data of {bad!r} does not match its CRC-32")
 
     def _index_safetensors(self) -> tuple[dict[str, _Entry], int]:
         size = self.path.stat().st_size

@@ -5,6 +5,7 @@
 - Guidance is done as intended: ``uncond + (cond - uncond) * cond_scale`` with both branches in
   one batched forward. 0.11.5 instead zeroes the caller's text mask on its first unconditional
   pass, so from its second step on both of its branches ignore the text encodings.
+- A negative caption may take the unconditional branch's place.
 """
 
 from __future__ import annotations
@@ -35,15 +36,37 @@ class PriorSample:
     best: torch.Tensor  # [b] index of the chosen candidate
 
 
-def make_denoiser(net: PriorNetwork, text: TextEncoding, candidates: int, cond_scale: float) -> Denoiser:
-    """``x0(x_t [b*c, d], t)`` with the text prefix computed once (``b`` captions, ``c`` each)."""
-    keep = torch.ones(text.embed.shape[0], dtype=torch.bool, device=text.embed.device)
+def make_denoiser(
+    net: PriorNetwork,
+    text: TextEncoding,
+    candidates: int,
+    cond_scale: float,
+    negative: TextEncoding | None = None,
+) -> Denoiser:
+    """``x0(x_t [b*c, d], t)`` with the text prefix computed once (``b`` captions, ``c`` each).
+
+    With guidance (``cond_scale != 1``) the second branch is the model's learned "no caption"
+    (every text key hidden, as in training with condition dropout), or, given ``negative``
+    (one caption, or one per caption), that caption: guidance then steers away from it, as
+    Kandinsky's prior does with a negative prompt. At ``cond_scale == 1`` there is no second
+    branch and ``negative`` has no effect.
+    """
+    b = text.embed.shape[0]
+    keep = torch.ones(b, dtype=torch.bool, device=text.embed.device)
     cache = net.encode_prefix(text.embed, text.encodings, text.mask, keep).repeat_interleave(candidates)
     guided = cond_scale != 1.0
     if guided:
         if not net.config.can_guide:
             raise ValueError("this prior was trained without condition dropout: cond_scale must be 1")
-        cache = PrefixCache.cat([cache, net.drop_text(cache)])
+        if negative is None:
+            uncond = net.drop_text(cache)
+        else:
+            if negative.embed.shape[0] not in (1, b):
+                raise ValueError(f"negative holds {negative.embed.shape[0]} captions; give 1 or {b}")
+            n = negative.embed.shape[0]
+            uncond = net.encode_prefix(negative.embed, negative.encodings, negative.mask, keep[:n])
+            uncond = uncond.repeat_interleave(candidates * b // n)
+        cache = PrefixCache.cat([cache, uncond])
     times = {}
 
     def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
@@ -134,16 +157,18 @@ def sample_image_embeds(
     steps: int | None = DEFAULT_STEPS,
     cond_scale: float = 1.0,
     eta: float = 1.0,
+    negative: TextEncoding | None = None,
     callback: ProgressCallback | None = None,
 ) -> PriorSample:
     """CLIP image embeddings for captions already encoded by CLIP.
 
     ``steps=None`` (or all timesteps) runs 0.11.5's ancestral loop; fewer steps run DDIM.
     ``candidates`` samples per caption are drawn and the one closest to the text kept.
+    ``negative``: a caption that guidance steers away from (see ``make_denoiser``).
     """
     b, dim = text.embed.shape
     shape = (b * candidates, dim)
-    denoise = make_denoiser(net, text, candidates, cond_scale)
+    denoise = make_denoiser(net, text, candidates, cond_scale, negative)
     if steps is None or steps == schedule.num_timesteps:
         x = sample_ddpm(denoise, schedule, shape, generator, callback)
     else:

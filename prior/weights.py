@@ -29,6 +29,7 @@ from .checkpoint import PREFIXES, Checkpoint, CheckpointError, check_shapes, mat
 from .clip import ClipEncoder, clip_model, openai_clip_config
 from .config import PriorConfig
 from .factory import Models, Prior, random_models
+from .hardware import cpu_has_native_bf16
 from .model import PriorNetwork
 from .schedule import NoiseSchedule
 
@@ -240,15 +241,7 @@ def default_prior_dtype(device: torch.device) -> torch.dtype:
     """fp16 on CUDA (the weights' own precision); bf16 on a CPU with native bf16, else fp32."""
     if device.type == "cuda":
         return torch.float16
-    return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 def load_models(

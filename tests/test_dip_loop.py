@@ -218,6 +218,11 @@ def test_bf16_autocast_runs_and_stays_close_to_fp32(target, clip):
     assert bf16.metrics["similarity"] == pytest.approx(fp32.metrics["similarity"], abs=0.05)
 
 
-def test_default_precision_is_fp16_on_cuda_and_fp32_on_the_cpu():
+def test_default_precision_is_fp16_on_cuda_and_bf16_on_a_cpu_with_native_bf16(monkeypatch):
+    import dip.loop
+
     assert default_precision(torch.device("cuda")) == "fp16"
+    monkeypatch.setattr(dip.loop, "cpu_has_native_bf16", lambda: True)
+    assert default_precision(torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(dip.loop, "cpu_has_native_bf16", lambda: False)
     assert default_precision(torch.device("cpu")) == "fp32"

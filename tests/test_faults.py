@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import errno
 import random
+import struct
 import time
 import weakref
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -196,19 +198,27 @@ def test_missing_weights_while_offline_fail_setup_in_under_two_seconds(tmp_path,
     assert time.perf_counter() - started < 2.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prior/checkpoint.py does not verify the zip records' CRC-32 (or any checksum): flipped bytes in "
-    "a .pth's tensor data load silently as wrong weights",
-)
-def test_flipped_bytes_in_tensor_data_are_detected(tmp_path, small_oracle, small_clip_model):
+def record_data_offset(path: Path, suffix: str) -> int:
+    """Where the data of the zip record whose name ends with ``suffix`` starts in the file."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(suffix))
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+    return info.header_offset + 30 + name_len + extra_len
+
+
+@pytest.mark.parametrize("record", ["data/0", "data.pkl"])
+def test_flipped_bytes_in_a_pth_record_are_detected(tmp_path, small_oracle, small_clip_model, record):
+    """Tensor data (which would load silently as wrong weights) and the pickle (which would read
+    as a refusal) are both caught by the records' CRC-32s, and named as corruption."""
     from prior.checkpoint import CheckpointError
     from prior.weights import load_models
 
     path = tmp_path / "prior.pth"
     torch.save(full_state(small_oracle.state_dict(), small_clip_model.state_dict()), path)
-    flip_bytes(path, path.stat().st_size // 2, 64)
-    with pytest.raises(CheckpointError):
+    flip_bytes(path, record_data_offset(path, "/" + record) + 8, 8)
+    with pytest.raises(CheckpointError, match=rf"prior.pth: corrupted: the data of '.*/{record}' does not match"):
         load_models(path, prior_dtype=torch.float32)
 
 
@@ -289,9 +299,10 @@ def test_the_refusal_names_the_inputs_the_budget_and_what_fits(predictor, output
 
 def test_the_estimate_covers_what_autograd_keeps_for_one_step(predictor):
     """The estimate's activations (without the resident weights) against a measurement: the bytes
-    autograd saves for the backward pass of one step, 256 px, 8 cutouts, on the tiny CLIP."""
+    autograd saves for the backward pass of one step, 256 px, 8 cutouts, on the tiny CLIP, in the
+    precision the server runs in."""
     from dip.cutouts import MakeCutouts
-    from dip.loop import _render_and_score
+    from dip.loop import _render_and_score, default_precision
     from dip.network import INPUT_CHANNELS, build_network
 
     clip = predictor.models.clip
@@ -311,7 +322,7 @@ def test_the_estimate_covers_what_autograd_keeps_for_one_step(predictor):
     target = torch.nn.functional.normalize(torch.randn(1, clip.embed_dim, device=device), dim=-1)
     x = torch.randn(1, INPUT_CHANNELS, 256, 256, device=device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        _render_and_score(net, x, cutouts, clip, target, "fp32")
+        _render_and_score(net, x, cutouts, clip, target, default_precision(device))
     measured = sum(saved.values())
     estimated = predictor.estimate_peak_bytes(256, 8, 4) - predictor.resident_bytes
     assert measured <= estimated <= 2.5 * measured, (measured >> 20, estimated >> 20)

@@ -150,6 +150,42 @@ def test_guided_step_is_uncond_plus_scaled_difference(oracle_and_ours):
     torch.testing.assert_close(guided, uncond + (cond - uncond) * 2.5, atol=1e-5, rtol=0)
 
 
+def test_a_negative_caption_takes_the_unconditional_branchs_place(oracle_and_ours):
+    """``uncond`` is the network conditioned on the negative caption (uncached forward), 1e-5 in fp32."""
+    _, net, clip = oracle_and_ours
+    text = clip.encode_text(clip.tokenize(CAPTIONS).ids)
+    negative = clip.encode_text(clip.tokenize(["blurry, low quality"]).ids)
+    x = torch.randn(4, 64)
+    t = torch.full((4,), 321)
+    rep = text.repeat_interleave(2)
+    neg = negative.repeat_interleave(4)
+    keep = torch.ones(4, dtype=torch.bool)
+    with torch.inference_mode():
+        guided = make_denoiser(net, text, 2, 2.5, negative)(x, 321)
+        cond = net(x, t, rep.embed, rep.encodings, rep.mask, keep)
+        uncond = net(x, t, neg.embed, neg.encodings, neg.mask, keep)
+        plain = make_denoiser(net, text, 2, 2.5)(x, 321)
+    torch.testing.assert_close(guided, uncond + (cond - uncond) * 2.5, atol=1e-5, rtol=0)
+    assert (guided - plain).abs().max() > 1e-3  # the negative changes the guided prediction
+
+
+def test_a_negative_caption_needs_guidance_to_act(oracle_and_ours):
+    _, net, clip = oracle_and_ours
+    text = clip.encode_text(clip.tokenize(CAPTIONS[:1]).ids)
+    negative = clip.encode_text(clip.tokenize(["blurry"]).ids)
+
+    def sample(scale, neg):
+        generator = torch.Generator().manual_seed(5)
+        return sample_image_embeds(
+            net, NoiseSchedule.cosine(), text, generator, steps=6, cond_scale=scale, negative=neg
+        ).image_embeds
+
+    assert torch.equal(sample(1.0, negative), sample(1.0, None))  # no second branch at scale 1
+    assert not torch.allclose(sample(3.0, negative), sample(3.0, None))
+    with pytest.raises(ValueError, match="negative holds 2 captions; give 1 or 1"):
+        make_denoiser(net, text, 1, 2.0, clip.encode_text(clip.tokenize(CAPTIONS).ids))
+
+
 def test_guidance_is_refused_for_a_prior_trained_without_dropout():
     net = PriorNetwork(PriorConfig(**SMALL_PRIOR, cond_drop_prob=0.0)).eval()
     from prior.clip import TextEncoding

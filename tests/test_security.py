@@ -225,5 +225,5 @@ def test_a_prediction_id_cannot_create_directories_elsewhere(servers, tmp_path):
 def test_a_prediction_id_with_a_nul_byte_does_not_leave_the_server_busy(servers):
     server = servers["nul-id"]  # a server of its own: this leaves it busy for good
     server.post({"id": "nul\u0000id", "input": {"prompt": "a lighthouse", **EMBED}})
-    assert server.settled_status() == "READY"
+    assert server.settled_status(timeout=3) == "READY"
     assert server.post({"input": {"prompt": "a lighthouse", **EMBED}}).status_code == 200
