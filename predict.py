@@ -38,9 +38,14 @@ from cog import BaseRunner, CancelationException, Input, Path, streaming
 from PIL import Image
 from tqdm import tqdm
 
+from didp.media import clip_image_tensor, load_image, write_animation
+from didp.request import Request, text_or_none
+from dip import visualise_batch
 from dip.loop import default_precision, visualise
 from dip.network import CHANNELS
 from dip.settings import DipSettings, resolve_seed
+from prior.clip import TextEncoding
+from prior.manipulate import interpolation_targets, text_diff_targets
 from prior.sampling import sample_image_embeds
 from prior.weights import load_models
 
@@ -74,14 +79,16 @@ def estimate_peak_bytes(
     vit_layers: int,
     precision: str = "fp32",
     resident_bytes: int = 0,
+    members: int = 1,
 ) -> int:
-    """A cheap upper estimate of a visualisation's peak memory: weights plus one step's activations."""
+    """A cheap upper estimate of a visualisation's peak memory: weights plus one step's activations
+    (of ``members`` images optimised together)."""
     levels = sum(4.0**-level for level in range(num_scales + 1))
     floats = DIP_FLOATS_PER_PIXEL * size * size * levels
     floats += num_cutouts * CUTOUT_FLOATS_PER_PIXEL * clip_image_size**2
     floats += num_cutouts * VIT_FLOATS_PER_TOKEN * vit_tokens * vit_width * vit_layers
     activations = 4 * floats * BACKWARD_HEADROOM * (1.0 if precision == "fp32" else AUTOCAST_FACTOR)
-    return int(resident_bytes + activations)
+    return int(resident_bytes + members * activations)
 
 
 def total_memory_bytes(device: torch.device) -> tuple[int, str]:
@@ -145,6 +152,20 @@ def _writing(path: LocalPath):
             f"cannot write the outputs: {path}: {reason}. DIDP_OUTPUT_DIR ({OUTPUT_ROOT}) must be a writable "
             "directory with free space; this run's files were removed"
         ) from None
+
+
+def uploaded_file(path: LocalPath, name: str) -> LocalPath:
+    """A file input as Cog hands it over, refused unless it is one that Cog downloaded.
+
+    Cog saves a URL or ``data:`` URI input directly in the temporary directory, but hands a bare
+    string over unchanged, so ``"/etc/passwd"`` would arrive as a path on the server. Only files
+    directly in the temporary directory are read (not the outputs below it, nor anything a
+    symbolic link leads out to).
+    """
+    resolved = LocalPath(path).resolve()
+    if resolved.parent != LocalPath(tempfile.gettempdir()).resolve() or not resolved.is_file():
+        raise ValueError(f"{name}: give a URL or a data: URI; a path on the server is not accepted")
+    return resolved
 
 
 def _integral(value):
@@ -229,13 +250,70 @@ class Predictor(BaseRunner):
         seed: int = Input(
             description="Random seed; -1 draws one (reported in result.json).", default=-1, ge=-1, le=MAX_SEED
         ),
+        image: Path | None = Input(
+            description="A picture (PNG, JPEG or WebP, up to 40 megapixels) whose CLIP image embedding "
+            "becomes the target instead of the prior's: how CLIP sees it. The prompt then describes it.",
+            default=None,
+        ),
+        interpolate_to: str | None = Input(
+            description="A second caption: one image per step of the slerp from the prompt's image embedding "
+            "to this caption's, and an animation of them.",
+            default=None,
+        ),
+        edit_prompt: str | None = Input(
+            description="Text diff: turn the target towards (edit_prompt - prompt) in CLIP space.", default=None
+        ),
+        edit_strength: float = Input(
+            description="How far an edit turns the target (0: not at all, 1: all the way).", default=0.5, ge=0, le=1
+        ),
+        interpolation_steps: int | None = Input(
+            description="Targets in an interpolation (default 8) or an edit sequence (an edit without it: one).",
+            default=None,
+            ge=2,
+            le=16,
+        ),
+        negative_prompt: str | None = Input(
+            description="What the picture should not be: steers the prior's guidance (guidance_scale > 1) "
+            "and, with negative_weight, the visualiser away from it.",
+            default=None,
+        ),
+        negative_weight: float = Input(
+            description="How hard the visualiser pushes away from negative_prompt (0: only the prior uses it).",
+            default=0.0,
+            ge=0,
+            le=1,
+        ),
+        num_outputs: int = Input(
+            description="Images optimised from different seeds, ranked by similarity to the prompt, best first.",
+            default=1,
+            ge=1,
+            le=8,
+        ),
+        save_animation: bool = Input(description="Also write an animation of every emitted frame.", default=False),
+        animation_format: str = Input(description="Format of the animations.", default="webp", choices=["webp", "gif"]),
     ) -> Iterator[Path]:
-        """Stream the embeddings (.npy), the images (PNG) and result.json."""
+        """Stream the embeddings (.npy), the images (PNG), any animation and result.json."""
         num_scales, size, display_freq, iterations = map(_integral, (num_scales, size, display_freq, iterations))
         num_samples_per_batch, num_cutouts, prior_steps, seed = map(
             _integral, (num_samples_per_batch, num_cutouts, prior_steps, seed)
         )
-        inputs = {k: v for k, v in locals().items() if k != "self"}
+        interpolation_steps, num_outputs = map(_integral, (interpolation_steps, num_outputs))
+        interpolate_to, edit_prompt, negative_prompt = map(text_or_none, (interpolate_to, edit_prompt, negative_prompt))
+        inputs = {k: v for k, v in locals().items() if k not in ("self", "image")}
+        inputs["image"] = None if image is None else "(a file)"
+        request = Request.check(
+            mode=mode,
+            interpolate_to=interpolate_to,
+            edit_prompt=edit_prompt,
+            edit_strength=edit_strength,
+            interpolation_steps=interpolation_steps,
+            negative_prompt=negative_prompt,
+            negative_weight=negative_weight,
+            num_outputs=num_outputs,
+            save_animation=save_animation,
+            animation_format=animation_format,
+        )
+        picture = load_image(uploaded_file(image, "image")) if image is not None else None
         settings = DipSettings(
             num_scales=num_scales,
             offset_type=offset_type,
@@ -251,17 +329,21 @@ class Predictor(BaseRunner):
             seed=resolve_seed(seed),
         ).validate()
         if mode == "visualize":
-            self._check_memory(settings)
+            self._check_memory(settings, request.members)
         timings: dict[str, float] = {}
         result: dict = {"inputs": inputs, "seed": settings.seed, "device": str(self.device), "weights": self.weights}
+        if picture is not None:
+            result["image"] = {"width": picture.width, "height": picture.height}
         cancelled = False
         try:
             out = self._fresh_run_dir()
-            timings["prior_seconds"] = yield from self._embed(
-                prompt, settings.seed, num_samples_per_batch, guidance_scale, prior_steps, out, result
-            )
+            prior_args = (settings.seed, num_samples_per_batch, guidance_scale, prior_steps)
+            targets = yield from self._targets(prompt, picture, request, *prior_args, out, result, timings)
             if mode == "visualize":
-                yield from self._visualise(settings, out, result, timings)
+                if len(targets) == 1 and request.num_outputs == 1:
+                    yield from self._visualise(settings, request, out, result, timings)
+                else:
+                    yield from self._visualise_many(settings, targets, request, out, result, timings)
             result["timings"] = timings
             for name, value in timings.items():
                 self.record_metric(name, value)
@@ -280,7 +362,7 @@ class Predictor(BaseRunner):
 
     # -- memory ----------------------------------------------------------------------------------
 
-    def estimate_peak_bytes(self, size: int, num_cutouts: int, num_scales: int) -> int:
+    def estimate_peak_bytes(self, size: int, num_cutouts: int, num_scales: int, members: int = 1) -> int:
         visual = self.models.clip.model.visual
         return estimate_peak_bytes(
             size,
@@ -292,24 +374,32 @@ class Predictor(BaseRunner):
             vit_layers=int(visual.transformer.layers),
             precision=default_precision(self.device),
             resident_bytes=self.resident_bytes,
+            members=members,
         )
 
-    def _check_memory(self, settings: DipSettings) -> None:
+    def _check_memory(self, settings: DipSettings, members: int = 1) -> None:
         """Refuse, before any work, a visualisation whose estimated peak exceeds the memory budget."""
         size, cutouts, scales = settings.size, settings.num_cutouts, settings.num_scales
-        needed = self.estimate_peak_bytes(size, cutouts, scales)
+        needed = self.estimate_peak_bytes(size, cutouts, scales, members)
         if needed <= self.memory_budget:
             return
         budget = self.memory_budget
-        fitting = [n for n in range(cutouts - 1, 3, -1) if self.estimate_peak_bytes(size, n, scales) <= budget]
+
+        def fits(size: int, cutouts: int, scales: int) -> bool:
+            return self.estimate_peak_bytes(size, cutouts, scales, members) <= budget
+
+        fitting = [n for n in range(cutouts - 1, 3, -1) if fits(size, n, scales)]
         if fitting:
             hint = f"num_cutouts={fitting[0]} fits at size={size}"
-        elif size > 256 and self.estimate_peak_bytes(256, 4, min(scales, 6)) <= self.memory_budget:
+        elif size > 256 and fits(256, 4, min(scales, 6)):
             hint = "use size=256"
+        elif members > 1:
+            hint = "fewer images at once (num_outputs or interpolation_steps) would fit"
         else:
             hint = "nothing fits: raise DIDP_MEMORY_BUDGET_MB or use a bigger device"
+        images = f" for {members} images at once" if members > 1 else ""
         raise ValueError(
-            f"size={size} with num_cutouts={cutouts} and num_scales={scales} needs about "
+            f"size={size} with num_cutouts={cutouts} and num_scales={scales}{images} needs about "
             f"{needed / 2**30:.2f} GB on {self.device.type}, over the memory budget of "
             f"{self.memory_budget / 2**30:.2f} GB ({self.memory_budget_source}); {hint}"
         )
@@ -329,16 +419,19 @@ class Predictor(BaseRunner):
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def _embed(self, prompt, seed, candidates, guidance_scale, prior_steps, out, result) -> Iterator[Path]:
-        """Tokens, text embedding and the prior's image embedding; returns the seconds taken."""
-        clip, prior = self.models.clip, self.models.prior
-        started = time.perf_counter()
-        tokens = clip.tokenize(prompt)
+    def _encode(self, caption: str, name: str, result: dict) -> tuple[torch.Tensor, TextEncoding]:
+        """Tokens and CLIP's text encoding of one caption; a truncation is logged and recorded."""
+        tokens = self.models.clip.tokenize(caption)
         if tokens.truncated[0]:
-            log.warning("prompt longer than CLIP's 77 tokens: truncated")
-        text = clip.encode_text(tokens.ids.to(self.device))
+            log.warning("%s longer than CLIP's 77 tokens: truncated", name)
+            result.setdefault("truncated_inputs", []).append(name)
+        return tokens.ids, self.models.clip.encode_text(tokens.ids.to(self.device))
+
+    def _sample_prior(self, text, negative, seed, candidates, guidance_scale, prior_steps, name) -> tuple:
+        """The prior's l2-normalised image embedding ``[1, d]`` for ``text``, and what the choice was."""
+        prior = self.models.prior
         generator = torch.Generator(self.device).manual_seed(seed)
-        with tqdm(total=prior_steps, desc="prior", file=sys.stderr) as bar:
+        with tqdm(total=prior_steps, desc=f"prior ({name})", file=sys.stderr) as bar:
             sample = sample_image_embeds(
                 prior.net,
                 prior.schedule,
@@ -347,45 +440,159 @@ class Predictor(BaseRunner):
                 candidates=candidates,
                 steps=prior_steps,
                 cond_scale=guidance_scale,
+                negative=negative,
                 callback=lambda i, total: bar.update(1),
             )
-        self.text_embed = text.embed
-        self.target = F.normalize(sample.image_embeds, dim=-1)
-        seconds = time.perf_counter() - started
-        result["prompt_truncated"] = tokens.truncated[0]
-        result["prior"] = {
+        info = {
             "candidate_similarities": sample.similarities[0].tolist(),
             "chosen_candidate": int(sample.best[0]),
             "steps": prior_steps,
         }
-        yield self._write_npy(out / "text_tokens.npy", tokens.ids.numpy().astype(np.int64))
-        yield self._write_npy(out / "text_embedding.npy", text.embed.cpu().numpy().astype(np.float32))
-        yield self._write_npy(out / "image_embedding.npy", self.target.cpu().numpy().astype(np.float32))
-        return seconds
+        return F.normalize(sample.image_embeds, dim=-1), info
 
-    def _visualise(self, settings: DipSettings, out: LocalPath, result: dict, timings: dict) -> Iterator[Path]:
+    def _targets(
+        self, prompt, picture, request: Request, seed, candidates, guidance_scale, prior_steps, out, result, timings
+    ) -> Iterator[Path]:
+        """Tokens, text embedding and image embedding (the prior's, or the picture's), then any
+        sequence of targets; returns the targets ``[k, d]`` (l2-normalised). ``prior_seconds``: the
+        time this took before the first file was handed over."""
+        clip = self.models.clip
         started = time.perf_counter()
-        frames = visualise(self.target, self.models.clip, settings, device=self.device)
-        last = None
+        ids, text = self._encode(prompt, "prompt", result)
+        negative = None
+        if request.negative_prompt:
+            _, negative = self._encode(request.negative_prompt, "negative_prompt", result)
+        prior_args = (negative, seed, candidates, guidance_scale, prior_steps)
+        if picture is None:
+            base, result["prior"] = self._sample_prior(text, *prior_args, "prompt")
+        else:
+            with torch.no_grad():
+                base = clip.embed_image(clip_image_tensor(picture, clip).to(self.device))
+            result["prior"] = None  # the picture's embedding is the target
+        result["prompt_truncated"] = "prompt" in result.get("truncated_inputs", [])
+        targets = base
+        if request.interpolate_to:
+            _, other_text = self._encode(request.interpolate_to, "interpolate_to", result)
+            other, result["prior_interpolate_to"] = self._sample_prior(other_text, *prior_args, "interpolate_to")
+            targets = interpolation_targets(base[0], other[0], request.target_count)
+        elif request.edit_prompt:
+            _, edit_text = self._encode(request.edit_prompt, "edit_prompt", result)
+            targets = text_diff_targets(
+                base[0], text.embed[0], edit_text.embed[0], request.edit_strength, request.target_count
+            )
+            targets = targets.reshape(-1, base.shape[-1])
+        self.text_embed = text.embed
+        self.negative_embed = None if negative is None else negative.embed[0]
+        self.target = base
+        timings["prior_seconds"] = time.perf_counter() - started
+        yield self._write_npy(out / "text_tokens.npy", ids.numpy().astype(np.int64))
+        yield self._write_npy(out / "text_embedding.npy", text.embed.cpu().numpy().astype(np.float32))
+        yield self._write_npy(out / "image_embedding.npy", base.cpu().numpy().astype(np.float32))
+        if request.interpolate_to or request.edit_prompt:
+            yield self._write_npy(out / "target_embeddings.npy", targets.cpu().numpy().astype(np.float32))
+        return targets
+
+    def _visualise(
+        self, settings: DipSettings, request: Request, out: LocalPath, result: dict, timings: dict
+    ) -> Iterator[Path]:
+        """One picture of ``self.target``: a PNG every ``display_freq`` steps."""
+        started = time.perf_counter()
+        frames = visualise(
+            self.target,
+            self.models.clip,
+            settings,
+            device=self.device,
+            negative=self.negative_embed,
+            negative_weight=request.negative_weight,
+        )
+        last, written = None, []
         try:
             with tqdm(total=settings.iterations, desc="visualise", file=sys.stderr) as bar:
                 for frame in frames:
                     bar.update(frame.step - bar.n)
                     last = frame
-                    yield self._write_png(out / f"step_{frame.step:04d}.png", frame.image)
+                    written.append(self._write_png(out / f"step_{frame.step:04d}.png", frame.image))
+                    yield written[-1]
         finally:
             frames.close()  # frees the network and optimiser at once, also when cancelled
+        self._time(settings, started, timings)
+        result["final"] = self._scores(last.image[None], [last.metrics])[0] | {"step": last.step}
+        self.record_metric("final_similarity", result["final"]["similarity_to_target"])
+        if request.save_animation:
+            yield self._write_animation(out / "progress", [[path] for path in written], request)
+
+    def _visualise_many(
+        self, settings: DipSettings, targets: torch.Tensor, request: Request, out: LocalPath, result: dict, timings
+    ) -> Iterator[Path]:
+        """Several pictures optimised together: ``num_outputs`` seeds of one target (ranked, best
+        first), or one picture per target of a sequence, all from one initialisation and noise."""
+        best_of = request.num_outputs > 1
+        n = request.num_outputs if best_of else targets.shape[0]
+        seeds = [settings.seed + i for i in range(n)] if best_of else [settings.seed] * n
+        started = time.perf_counter()
+        frames = visualise_batch(
+            targets.expand(n, -1) if best_of else targets,
+            self.models.clip,
+            settings,
+            seeds,
+            device=self.device,
+            negative=self.negative_embed,
+            negative_weight=request.negative_weight,
+        )
+        last, written = None, []
+        try:
+            with tqdm(total=settings.iterations, desc=f"visualise x{n}", file=sys.stderr) as bar:
+                for frame in frames:
+                    bar.update(frame.step - bar.n)
+                    last = frame
+                    if frame.step == settings.iterations:
+                        break  # the final pictures are written below, named by rank or position
+                    written.append([out / f"step_{frame.step:04d}_{j + 1:02d}.png" for j in range(n)])
+                    for path, image in zip(written[-1], frame.images, strict=True):
+                        yield self._write_png(path, image)
+        finally:
+            frames.close()
+        self._time(settings, started, timings)
+        scores = self._scores(last.images, last.metrics)
+        for j, score in enumerate(scores):
+            score["seed"] = seeds[j]
+        if best_of:
+            order = sorted(range(n), key=lambda j: scores[j]["similarity_to_text"], reverse=True)
+            names = {j: f"best_{rank + 1:02d}.png" for rank, j in enumerate(order)}
+        else:
+            order = list(range(n))
+            names = {j: f"frame_{j + 1:02d}.png" for j in order}
+        final = []
+        for j in order:
+            final.append(out / names[j])
+            yield self._write_png(final[-1], last.images[j])
+        result["outputs"] = [{"file": names[j], **scores[j]} for j in order]
+        result["final"] = {"step": last.step, **scores[order[0]]}
+        self.record_metric("final_similarity", result["final"]["similarity_to_target"])
+        if not best_of:
+            kind = "interpolation" if request.interpolate_to else "edit"
+            yield self._write_animation(out / kind, [[path] for path in final], request)
+        if request.save_animation:
+            yield self._write_animation(out / "progress", [*written, [out / names[j] for j in range(n)]], request)
+
+    def _time(self, settings: DipSettings, started: float, timings: dict) -> None:
         seconds = time.perf_counter() - started
         timings["dip_seconds"] = seconds
         timings["iterations_per_second"] = settings.iterations / seconds if seconds > 0 else 0.0
-        image_embed = self.models.clip.embed_image(last.image[None].to(self.device))
-        result["final"] = {
-            "step": last.step,
-            "loss": last.metrics["loss"],
-            "similarity_to_target": last.metrics["similarity"],
-            "similarity_to_text": float((image_embed @ self.text_embed.T).item()),
-        }
-        self.record_metric("final_similarity", result["final"]["similarity_to_target"])
+
+    @torch.no_grad()
+    def _scores(self, images: torch.Tensor, metrics: list[dict]) -> list[dict]:
+        """Per picture: its loss, and its CLIP embedding's similarity to its target and to the prompt."""
+        embeds = self.models.clip.embed_image(images.to(self.device))
+        to_text = (embeds @ self.text_embed.T)[:, 0].tolist()
+        scores = []
+        for metric, similarity in zip(metrics, to_text, strict=True):
+            score = {"loss": metric["loss"], "similarity_to_target": metric["similarity"]}
+            score["similarity_to_text"] = similarity
+            if "similarity_to_negative" in metric:
+                score["similarity_to_negative"] = metric["similarity_to_negative"]
+            scores.append(score)
+        return scores
 
     # -- files -----------------------------------------------------------------------------------
 
@@ -425,6 +632,25 @@ class Predictor(BaseRunner):
         pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         with _writing(path):
             Image.fromarray(pixels).save(path)
+        return Path(path)
+
+    @staticmethod
+    def _write_animation(stem: LocalPath, frames: list[list[LocalPath]], request: Request) -> Path:
+        """An animation of PNGs already written: one frame per entry, its pictures side by side."""
+
+        def tiled(paths: list[LocalPath]) -> Image.Image:
+            pictures = [Image.open(path).convert("RGB") for path in paths]
+            if len(pictures) == 1:
+                return pictures[0]
+            width, height = pictures[0].size
+            sheet = Image.new("RGB", (width * len(pictures), height))
+            for i, picture in enumerate(pictures):
+                sheet.paste(picture, (i * width, 0))
+            return sheet
+
+        path = stem.with_suffix(f".{request.animation_format}")
+        with _writing(path):
+            write_animation([tiled(paths) for paths in frames], path, request.animation_format)
         return Path(path)
 
     @staticmethod

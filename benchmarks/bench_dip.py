@@ -9,6 +9,9 @@ At 256 px with 8 cutouts, with the tiny random CLIP and a random CLIP of ViT-B/3
   (``dip.matmul_peak_gflops``, the best of several large square matmuls);
 - ``dip.bf16_speedup_b32``: steps per second with bf16 autocast over fp32;
 - ``dip.bf16_similarity_gap``: |final similarity fp32 - bf16| after 30 steps, tiny CLIP, same seed;
+- ``dip.batched_speedup_n4``: best-of-4 (one target, four seeds) with ``visualise_batch``
+  against four ``visualise`` runs one after another, ViT-B/32-sized CLIP, default precision:
+  4 x the fastest single step over the fastest batched step;
 - ``dip.peak_rss_mb``: the process's peak resident memory during this benchmark (``VmHWM``, reset at
   its start, so that a benchmark run before it in the same process does not count).
 """
@@ -23,7 +26,7 @@ import open_clip
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dip import DipSettings, visualise
+from dip import DipSettings, default_precision, visualise, visualise_batch
 from prior.clip import ClipEncoder, build_clip
 from prior.factory import random_models
 
@@ -75,6 +78,24 @@ def best_steps_per_second(runs: dict[str, tuple[ClipEncoder, str]], steps: int, 
     return {name: 1 / seconds for name, seconds in fastest.items()}
 
 
+def batched_step_seconds(clip: ClipEncoder, seeds: list[int], steps: int) -> list[float]:
+    """Durations of steps 2..steps+1 of a batched run of ``len(seeds)`` pictures, each with its frame."""
+    settings = SETTINGS.replace(iterations=steps + 1, display_freq=1)
+    frames = visualise_batch(random_target(clip), clip, settings, seeds)
+    times = [time.perf_counter() for _ in frames]
+    return [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+
+
+def batched_speedup(clip: ClipEncoder, n: int, steps: int, rounds: int) -> float:
+    """n x the fastest single-picture step over the fastest step of n pictures together (default precision)."""
+    precision = default_precision(torch.device("cpu"))
+    single = batched = float("inf")
+    for _ in range(rounds):
+        single = min(single, *step_seconds(clip, precision, steps))
+        batched = min(batched, *batched_step_seconds(clip, list(range(n)), steps))
+    return n * single / batched
+
+
 def gflop_per_step(clip: ClipEncoder) -> float:
     """FLOPs of a 2-step run minus a 1-step run: one step, without setup or the emitted frame."""
     counts = []
@@ -114,6 +135,7 @@ def run(quick: bool) -> dict[str, float]:
         {"tiny": (tiny, "fp32"), "b32": (b32, "fp32"), "b32_bf16": (b32, "bf16")}, steps, rounds
     )
     peaks.append(matmul_peak_gflops())
+    speedup_n4 = batched_speedup(b32, 4, steps, rounds)
     gflop = gflop_per_step(b32)
     gap = abs(final_similarity(tiny, "fp32") - final_similarity(tiny, "bf16"))
     peaks.append(matmul_peak_gflops())
@@ -128,5 +150,6 @@ def run(quick: bool) -> dict[str, float]:
         "dip.peak_fraction_b32": gflop * speed["b32"] / peak,
         "dip.bf16_speedup_b32": speed["b32_bf16"] / speed["b32"],
         "dip.bf16_similarity_gap": gap,
+        "dip.batched_speedup_n4": speedup_n4,
         "dip.peak_rss_mb": peak_rss_mb(),
     }

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import requests
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "tests") not in sys.path:
@@ -379,6 +380,15 @@ def send_hostile(server: CogServer, case: Hostile) -> Verdict:
 # -- schemathesis -----------------------------------------------------------------------------------
 
 
+def _small_png() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 120, 40)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+SMALL_PNG = _small_png()
+
+
 @dataclass
 class Fuzz:
     cases: int = 0
@@ -394,8 +404,11 @@ def _tame(case, index: int, visualise_every: int, visualise_iterations: int) -> 
       from it unchecked, so an id like ``/etc/x`` creates directories anywhere and one with a NUL
       byte leaves the server busy for good (tests/test_security.py keeps both as known failures).
     - No ``webhook``: nothing may leave the machine.
+    - A generated file (``image``) that is a string becomes a small PNG as a ``data:`` URI: a URL
+      would make the server download it.
     - Fewer prior steps and candidates, and ``mode=embed`` except every ``visualise_every``-th
-      (then at most ``visualise_iterations`` steps of 256 px with 4 cutouts). Invalid values stay.
+      (then at most ``visualise_iterations`` steps of 256 px with 4 cutouts, at most 2 pictures
+      at once). Invalid values stay.
     """
     body = case.body
     if not isinstance(body, dict):
@@ -411,6 +424,8 @@ def _tame(case, index: int, visualise_every: int, visualise_iterations: int) -> 
         value = inputs.get(name)
         return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
 
+    if isinstance(inputs.get("image"), str):
+        inputs["image"] = SMALL_PNG
     if valid_int("prior_steps", 1, 1000):
         inputs["prior_steps"] = min(inputs["prior_steps"], 8)
     if valid_int("num_samples_per_batch", 1, 10):
@@ -426,6 +441,10 @@ def _tame(case, index: int, visualise_every: int, visualise_iterations: int) -> 
         inputs["size"] = 256
     if valid_int("num_cutouts", 4, 32) or "num_cutouts" not in inputs:
         inputs["num_cutouts"] = 4
+    if valid_int("num_outputs", 1, 8):
+        inputs["num_outputs"] = min(inputs["num_outputs"], 2)
+    if valid_int("interpolation_steps", 2, 16):
+        inputs["interpolation_steps"] = 2
 
 
 def _judge(case, response) -> str | None:

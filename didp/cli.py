@@ -9,9 +9,11 @@ copied to ``-o`` as they are produced and their paths printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 PREDICTOR = ("predict", "Predictor")
@@ -34,8 +36,49 @@ def _describe(field) -> str:
         parts.append(f"range {low}..{high}")
     if field.min_length:
         parts.append(f"at least {field.min_length} character(s)")
-    parts.append("required" if field.default is None else f"default {field.default!r}")
+    if kind == "path":
+        parts.append("a file, name=@path or name=path")
+    parts.append(default_text(field))
     return f"  {field.name} ({kind}): " + "; ".join(p for p in parts if p)
+
+
+def is_optional(field) -> bool:
+    from cog._adt import Repetition
+
+    return field.type.repetition in (Repetition.OPTIONAL, Repetition.OPTIONAL_REPEATED)
+
+
+def default_text(field) -> str:
+    if field.default is not None:
+        return f"default {field.default!r}"
+    return "optional" if is_optional(field) else "required"
+
+
+@contextlib.contextmanager
+def local_files(values: dict, fields: dict):
+    """File inputs (``@path`` or ``path``) handed over as the server hands them over: as a copy in
+    the temporary directory (removed afterwards). A missing file is an error that names the input."""
+    from cog import Path as CogPath
+
+    copies: list[Path] = []
+    try:
+        files = {}
+        for name, value in values.items():
+            field = fields.get(name)
+            if field is None or field.type.primitive.name != "PATH" or value is None:
+                continue
+            path = Path(value.removeprefix("@")).expanduser()
+            if not path.is_file():
+                raise ValueError(f"{name}: no such file: {path}")
+            handle, copy = tempfile.mkstemp(suffix=path.suffix[:16])
+            os.close(handle)
+            copies.append(Path(copy))
+            shutil.copyfile(path, copy)
+            files[name] = CogPath(copy)
+        yield {**values, **files}
+    finally:
+        for copy in copies:
+            copy.unlink(missing_ok=True)
 
 
 def _number(value: float) -> str:
@@ -92,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from didp.validation import validate_inputs
 
+    fields = _predictor_inputs()
     try:
-        values = validate_inputs(parse_assignments(args.input, _predictor_inputs()))
+        values = validate_inputs(parse_assignments(args.input, fields))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -111,13 +155,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     args.output.mkdir(parents=True, exist_ok=True)
     try:
-        for produced in predictor.run(**values):
-            target = args.output / Path(produced).name
-            shutil.copyfile(produced, target)
-            print(target, flush=True)
-    except ValueError as error:
+        with local_files(values, fields) as run_values:
+            for produced in predictor.run(**run_values):
+                target = args.output / Path(produced).name
+                shutil.copyfile(produced, target)
+                print(target, flush=True)
+    except ValueError as error:  # an input, or a combination of inputs, refused before any work
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (RuntimeError, OSError) as error:  # out of memory, unwritable outputs: the message says what to do
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,11 +1,12 @@
 """Deep-image-prior visualiser: turn a target CLIP image embedding into an image.
 
 ``visualise(target, clip, DipSettings(...))`` yields ``Frame(step, image, metrics)`` as it
-optimises the hq skip net (``network``) against CLIP's view (``cutouts``) of its output.
+optimises the hq skip net (``network``) against CLIP's view (``cutouts``) of its output;
+``visualise_batch`` optimises several pictures (seeds, targets) together.
 """
 
 from .cutouts import MakeCutouts, crop_and_resize
-from .loop import PRECISIONS, Frame, default_precision, is_display_step, visualise
+from .loop import PRECISIONS, BatchFrame, Frame, default_precision, is_display_step, visualise, visualise_batch
 from .loss import spherical_distance
 from .network import OFFSET_TYPES, SkipNet, build_network, param_groups, validate_size
 from .settings import DipSettings, resolve_seed
@@ -13,6 +14,7 @@ from .settings import DipSettings, resolve_seed
 __all__ = [
     "OFFSET_TYPES",
     "PRECISIONS",
+    "BatchFrame",
     "DipSettings",
     "Frame",
     "MakeCutouts",
@@ -26,4 +28,5 @@ __all__ = [
     "spherical_distance",
     "validate_size",
     "visualise",
+    "visualise_batch",
 ]

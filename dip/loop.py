@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import math
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from madgrad import MADGRAD
-from torch import nn
 
 from prior.clip import ClipEncoder
 from prior.hardware import cpu_has_native_bf16
@@ -93,6 +92,15 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+class BatchFrame(NamedTuple):
+    """Pictures optimised together, at one step: ``images [n, 3, size, size]`` float32 in [0, 1]
+    on the CPU, and each one's metrics (as ``Frame.metrics``)."""
+
+    step: int
+    images: torch.Tensor
+    metrics: list[dict[str, float]]
+
+
 def visualise(
     target: torch.Tensor,
     clip: ClipEncoder,
@@ -100,14 +108,67 @@ def visualise(
     *,
     device: torch.device | str | None = None,
     precision: str | None = None,
+    negative: torch.Tensor | None = None,
+    negative_weight: float = 0.0,
 ) -> Iterator[Frame]:
     """Frames of an image optimised so that CLIP sees ``target`` in it.
 
     ``target``: a CLIP image embedding ``[d]`` or ``[1, d]`` (any norm). ``clip`` must already
     be on ``device`` (default: CLIP's device). ``precision``: ``fp32``, ``bf16`` (autocast) or
     ``fp16`` (CUDA only, autocast with gradient scaling); default per ``default_precision``.
+    ``negative`` (``[d]``, e.g. a CLIP text embedding) with ``negative_weight > 0`` makes the
+    loss push away from it: ``d(cutout, target)^2 - negative_weight * d(cutout, negative)^2``.
     Everything is checked here, before the first frame is asked for; the work happens as
     frames are drawn. Closing the generator early frees the network and optimiser state.
+    """
+    target = target.detach().reshape(1, -1) if target.dim() == 1 else target.detach()
+    if target.shape != (1, clip.embed_dim):
+        shape = list(target.shape)
+        raise ValueError(f"target must have shape [{clip.embed_dim}] or [1, {clip.embed_dim}], got {shape}")
+    frames = visualise_batch(
+        target,
+        clip,
+        settings,
+        [settings.seed],
+        device=device,
+        precision=precision,
+        negative=negative,
+        negative_weight=negative_weight,
+    )
+    return _single(frames)
+
+
+def _single(frames: Iterator[BatchFrame]) -> Iterator[Frame]:
+    try:
+        for frame in frames:
+            yield Frame(frame.step, frame.images[0], frame.metrics[0])
+    finally:
+        frames.close()
+
+
+def visualise_batch(
+    targets: torch.Tensor,
+    clip: ClipEncoder,
+    settings: DipSettings,
+    seeds: Sequence[int],
+    *,
+    device: torch.device | str | None = None,
+    precision: str | None = None,
+    negative: torch.Tensor | None = None,
+    negative_weight: float = 0.0,
+) -> Iterator[BatchFrame]:
+    """Several pictures optimised together, one per seed: ``BatchFrame``s on ``visualise``'s steps.
+
+    Picture ``i`` is the run ``visualise(targets[i], clip, settings.replace(seed=seeds[i]))``:
+    its own network initialisation, input noise, cutouts and parameter noise, each drawn from
+    its own seed's streams. With one target and different seeds that is best-of-N; with equal
+    seeds and different targets the pictures share one initialisation and noise and differ only
+    by their targets (an interpolation). ``targets``: ``[n, d]``, or ``[d]`` for every seed.
+
+    Each step renders every network, sends all the pictures' cutouts through CLIP in one batch,
+    and takes one backward pass over the sum of the losses: each network's gradient is that of
+    its own loss, so each optimiser steps as in its own run (up to the rounding of CLIP's
+    batched matmuls).
     """
     settings.validate()
     clip_device = next(clip.parameters()).device
@@ -119,89 +180,153 @@ def visualise(
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision='fp16' needs a CUDA device; use 'bf16' or 'fp32'")
-    target = target.detach().reshape(1, -1) if target.dim() == 1 else target.detach()
-    if target.shape != (1, clip.embed_dim):
-        shape = list(target.shape)
-        raise ValueError(f"target must have shape [{clip.embed_dim}] or [1, {clip.embed_dim}], got {shape}")
-    target = F.normalize(target.to(device=device, dtype=torch.float32), dim=-1)
-    settings = settings.replace(seed=resolve_seed(settings.seed))
-    return _frames(target, clip, settings, device, precision)
+    seeds = [int(seed) for seed in seeds]
+    if not seeds:
+        raise ValueError("seeds must hold at least one seed")
+    targets = targets.detach()
+    if targets.dim() == 1:
+        targets = targets.expand(len(seeds), -1)
+    if targets.dim() != 2 or targets.shape[1] != clip.embed_dim or targets.shape[0] != len(seeds):
+        raise ValueError(
+            f"targets must have shape [{clip.embed_dim}] or [{len(seeds)}, {clip.embed_dim}] "
+            f"(one per seed), got {list(targets.shape)}"
+        )
+    if not negative_weight >= 0:
+        raise ValueError(f"negative_weight must be at least 0, got {negative_weight}")
+    if negative is not None:
+        negative = negative.detach().reshape(-1)
+        if negative.shape != (clip.embed_dim,):
+            raise ValueError(f"negative must have shape [{clip.embed_dim}], got {list(negative.shape)}")
+        negative = F.normalize(negative.to(device=device, dtype=torch.float32), dim=0)
+    targets = F.normalize(targets.to(device=device, dtype=torch.float32), dim=-1)
+    seeds = [resolve_seed(seed) for seed in seeds]
+    weight = float(negative_weight) if negative is not None else 0.0
+    return _frames(targets, clip, settings, seeds, device, precision, negative, weight)
+
+
+class _Run:
+    """One picture's network, optimiser, input and random streams."""
+
+    def __init__(self, settings: DipSettings, seed: int, clip: ClipEncoder, device: torch.device):
+        streams = stream_seeds(seed)
+        self.seed = seed
+        # channels-last: the CPU's (oneDNN) and CUDA's convolutions are fastest in NHWC
+        net = build_network(settings.num_scales, settings.offset_type, seed=streams["init"])
+        self.net = net.to(device, memory_format=torch.channels_last)
+        groups = param_groups(self.net, settings.lr, settings.offset_lr_fac)
+        self.optimiser = MADGRAD(groups, settings.lr, momentum=MOMENTUM)
+        self.input_generator = torch.Generator(device).manual_seed(streams["input"])
+        self.param_generator = torch.Generator(device).manual_seed(streams["params"])
+        cutout_generator = torch.Generator().manual_seed(streams["cutouts"])
+        self.make_cutouts = MakeCutouts(clip.image_size, settings.num_cutouts, cutout_generator)
+        shape = (1, INPUT_CHANNELS, settings.size, settings.size)
+        net_input = torch.randn(shape, generator=self.input_generator, device=device)
+        self.net_input = net_input.contiguous(memory_format=torch.channels_last)
+
+    def input_at(self, ramp: float, strength: float) -> torch.Tensor:
+        """The network's input: fixed, or blended with fresh noise while the ramp lasts."""
+        if not strength:
+            return self.net_input
+        phi = min(1.0, ramp * strength) * math.pi / 2
+        noise = torch.empty_like(self.net_input).normal_(generator=self.input_generator)
+        return self.net_input * math.cos(phi) + noise * math.sin(phi)
 
 
 def _frames(
-    target: torch.Tensor, clip: ClipEncoder, settings: DipSettings, device: torch.device, precision: str
-) -> Iterator[Frame]:
-    seeds = stream_seeds(settings.seed)
-    # channels-last: the CPU's (oneDNN) and CUDA's convolutions are fastest in NHWC
-    net = build_network(settings.num_scales, settings.offset_type, seed=seeds["init"])
-    net = net.to(device, memory_format=torch.channels_last)
-    optimiser = MADGRAD(param_groups(net, settings.lr, settings.offset_lr_fac), settings.lr, momentum=MOMENTUM)
+    targets: torch.Tensor,
+    clip: ClipEncoder,
+    settings: DipSettings,
+    seeds: list[int],
+    device: torch.device,
+    precision: str,
+    negative: torch.Tensor | None,
+    negative_weight: float,
+) -> Iterator[BatchFrame]:
+    runs = [_Run(settings, seed, clip, device) for seed in seeds]
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    input_generator = torch.Generator(device).manual_seed(seeds["input"])
-    param_generator = torch.Generator(device).manual_seed(seeds["params"])
-    make_cutouts = MakeCutouts(clip.image_size, settings.num_cutouts, torch.Generator().manual_seed(seeds["cutouts"]))
-    shape = (1, INPUT_CHANNELS, settings.size, settings.size)
-    net_input = torch.randn(shape, generator=input_generator, device=device)
-    net_input = net_input.contiguous(memory_format=torch.channels_last)
-    image = loss = x = noise = None
+    images = losses = None
     try:
         if settings.iterations == 0:
             with torch.no_grad():
-                image, loss = _render_and_score(net, net_input, make_cutouts, clip, target, precision)
-            yield _frame(0, image, loss, clip, target, settings.lr, settings.seed)
+                inputs = [run.net_input for run in runs]
+                images, losses = _render_and_score(runs, inputs, clip, targets, precision, negative, negative_weight)
+            yield _batch_frame(0, images, losses, clip, targets, negative, settings.lr, seeds)
             return
         for step in range(1, settings.iterations + 1):
             ramp = 1 - (step - 1) / settings.iterations
-            x = net_input
-            if settings.input_noise_strength:
-                phi = min(1.0, ramp * settings.input_noise_strength) * math.pi / 2
-                noise = torch.empty_like(net_input).normal_(generator=input_generator)
-                x = net_input * math.cos(phi) + noise * math.sin(phi)
-            image, loss = _render_and_score(net, x, make_cutouts, clip, target, precision)
-            optimiser.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimiser)
+            inputs = [run.input_at(ramp, settings.input_noise_strength) for run in runs]
+            images, losses = _render_and_score(runs, inputs, clip, targets, precision, negative, negative_weight)
+            for run in runs:
+                run.optimiser.zero_grad(set_to_none=True)
+            scaler.scale(losses.sum()).backward()
+            for run in runs:
+                scaler.step(run.optimiser)
             scaler.update()
             if settings.param_noise_strength:
-                _add_param_noise(optimiser, settings.param_noise_strength * ramp, param_generator)
+                for run in runs:
+                    _add_param_noise(run.optimiser, settings.param_noise_strength * ramp, run.param_generator)
             if is_display_step(step, settings.iterations, settings.display_freq):
-                yield _frame(step, image, loss, clip, target, optimiser.param_groups[0]["lr"], settings.seed)
-            for group in optimiser.param_groups:
-                group["lr"] *= settings.lr_decay
+                lr = runs[0].optimiser.param_groups[0]["lr"]
+                yield _batch_frame(step, images, losses, clip, targets, negative, lr, seeds)
+            for run in runs:
+                for group in run.optimiser.param_groups:
+                    group["lr"] *= settings.lr_decay
     except BaseException as error:
         # the frames the error passed through (net(x), backward...) still hold the tensors
         traceback.clear_frames(error.__traceback__)
         raise
     finally:
         # a closed or failed generator may be kept alive (by its caller, or a traceback): drop the tensors now
-        del net, optimiser, scaler, net_input, make_cutouts, image, loss, x, noise
+        del runs, scaler, images, losses
 
 
 def _render_and_score(
-    net: nn.Module,
-    x: torch.Tensor,
-    make_cutouts: MakeCutouts,
+    runs: list[_Run],
+    inputs: list[torch.Tensor],
     clip: ClipEncoder,
-    target: torch.Tensor,
+    targets: torch.Tensor,
     precision: str,
+    negative: torch.Tensor | None = None,
+    negative_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The image ``[1, 3, s, s]`` (float32) and the mean loss of its cutouts (a 0-dim tensor)."""
-    with _autocast(x.device, precision):
-        image = net(x).float().contiguous()  # 3 channels: the cutouts' matmuls want it plain
-        cutouts = clip.normalize(make_cutouts(image))
-        embeds = clip.encode_image(cutouts)
-    return image, spherical_distance(embeds.float(), target).mean()
+    """The pictures ``[n, 3, s, s]`` (float32) and each one's mean loss over its cutouts ``[n]``.
+
+    Every picture's cutouts go through CLIP in one batch.
+    """
+    with _autocast(inputs[0].device, precision):
+        images = [run.net(x).float().contiguous() for run, x in zip(runs, inputs, strict=True)]  # plain for cutouts
+        cutouts = torch.cat([run.make_cutouts(image) for run, image in zip(runs, images, strict=True)])
+        embeds = clip.encode_image(clip.normalize(cutouts)).float()
+    embeds = embeds.view(len(runs), -1, embeds.shape[-1])  # [n, cutouts, d]
+    losses = spherical_distance(embeds, targets[:, None]).mean(dim=1)
+    if negative is not None and negative_weight:
+        losses = losses - negative_weight * spherical_distance(embeds, negative).mean(dim=1)
+    return torch.cat(images), losses
 
 
 @torch.no_grad()
-def _frame(
-    step: int, image: torch.Tensor, loss: torch.Tensor, clip: ClipEncoder, target: torch.Tensor, lr: float, seed: int
-) -> Frame:
-    # the only host-device synchronisations of the loop (.item(), .cpu()) happen here
-    picture = image.detach().clamp(0, 1)
-    similarity = (clip.embed_image(picture) @ target.T).item()
-    metrics = {"loss": loss.item(), "similarity": similarity, "lr": lr, "seed": seed}
-    return Frame(step, picture[0].cpu(), metrics)
+def _batch_frame(
+    step: int,
+    images: torch.Tensor,
+    losses: torch.Tensor,
+    clip: ClipEncoder,
+    targets: torch.Tensor,
+    negative: torch.Tensor | None,
+    lr: float,
+    seeds: list[int],
+) -> BatchFrame:
+    # the only host-device synchronisations of the loop (.item(), .tolist(), .cpu()) happen here
+    pictures = images.detach().clamp(0, 1)
+    embeds = clip.embed_image(pictures)
+    similarities = (embeds * targets).sum(dim=-1).tolist()
+    to_negative = (embeds @ negative).tolist() if negative is not None else None
+    metrics = []
+    for i, loss in enumerate(losses.tolist()):
+        metric = {"loss": loss, "similarity": similarities[i], "lr": lr, "seed": seeds[i]}
+        if to_negative is not None:
+            metric["similarity_to_negative"] = to_negative[i]
+        metrics.append(metric)
+    return BatchFrame(step, pictures.cpu(), metrics)
 
 
 @torch.no_grad()

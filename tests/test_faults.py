@@ -297,13 +297,13 @@ def test_the_refusal_names_the_inputs_the_budget_and_what_fits(predictor, output
     assert run(predictor, **{**SMALL, "num_cutouts": 12, "iterations": 0})[-1].name == "result.json"
 
 
-def test_the_estimate_covers_what_autograd_keeps_for_one_step(predictor):
+@pytest.mark.parametrize("members", [1, 3])
+def test_the_estimate_covers_what_autograd_keeps_for_one_step(predictor, members):
     """The estimate's activations (without the resident weights) against a measurement: the bytes
     autograd saves for the backward pass of one step, 256 px, 8 cutouts, on the tiny CLIP, in the
-    precision the server runs in."""
-    from dip.cutouts import MakeCutouts
-    from dip.loop import _render_and_score, default_precision
-    from dip.network import INPUT_CHANNELS, build_network
+    precision the server runs in, for one picture and for three optimised together."""
+    from dip.loop import _render_and_score, _Run, default_precision
+    from dip.settings import DipSettings
 
     clip = predictor.models.clip
     params = {p.untyped_storage().data_ptr() for p in clip.parameters()}
@@ -316,15 +316,15 @@ def test_the_estimate_covers_what_autograd_keeps_for_one_step(predictor):
         return tensor
 
     device = predictor.device
-    net = build_network(4, "none", seed=0).to(device)
-    params |= {p.untyped_storage().data_ptr() for p in net.parameters()}
-    cutouts = MakeCutouts(clip.image_size, 8, torch.Generator().manual_seed(0))
-    target = torch.nn.functional.normalize(torch.randn(1, clip.embed_dim, device=device), dim=-1)
-    x = torch.randn(1, INPUT_CHANNELS, 256, 256, device=device)
+    settings = DipSettings(size=256, num_scales=4, num_cutouts=8, seed=0)
+    runs = [_Run(settings, seed, clip, device) for seed in range(members)]
+    params |= {p.untyped_storage().data_ptr() for run in runs for p in run.net.parameters()}
+    targets = torch.nn.functional.normalize(torch.randn(members, clip.embed_dim, device=device), dim=-1)
+    inputs = [run.net_input for run in runs]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        _render_and_score(net, x, cutouts, clip, target, default_precision(device))
+        _render_and_score(runs, inputs, clip, targets, default_precision(device))
     measured = sum(saved.values())
-    estimated = predictor.estimate_peak_bytes(256, 8, 4) - predictor.resident_bytes
+    estimated = predictor.estimate_peak_bytes(256, 8, 4, members) - predictor.resident_bytes
     assert measured <= estimated <= 2.5 * measured, (measured >> 20, estimated >> 20)
 
 

@@ -31,8 +31,12 @@ SECRETS = {
     "DIDP_TEST_SECRET": "didp-fake-secret-5b0c7e",
 }
 RESULT_KEYS = {"inputs", "seed", "device", "weights", "prompt_truncated", "prior", "timings", "final", "versions"}
+RESULT_KEYS |= {"truncated_inputs", "image", "prior_interpolate_to", "outputs"}  # of some requests only
 RUN_DIR = re.compile(r"run-[0-9a-f]{16}")
-OUTPUT_NAME = re.compile(r"(text_tokens|text_embedding|image_embedding)\.npy|step_\d{4}\.png|result\.json")
+OUTPUT_NAME = re.compile(
+    r"(text_tokens|text_embedding|image_embedding|target_embeddings)\.npy|step_\d{4}(_\d{2})?\.png"
+    r"|(best|frame)_\d{2}\.png|(progress|interpolation|edit)\.(webp|gif)|result\.json"
+)
 TRAVERSAL_PROMPTS = [
     "../../../../etc/passwd",
     "/tmp/didp-owned",
@@ -176,6 +180,22 @@ def test_no_output_path_derives_from_the_prompt(predictor, tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
     assert not Path("/tmp/didp-owned").exists()
     assert json.loads((run_dir / "result.json").read_text())["inputs"]["prompt"] == prompt
+
+
+@pytest.mark.parametrize("prompt", TRAVERSAL_PROMPTS[:3])
+def test_no_output_path_derives_from_the_other_captions(predictor, tmp_path, monkeypatch, prompt):
+    """interpolate_to, edit_prompt and negative_prompt name no file either: every name is fixed."""
+    root = tmp_path / "outputs"
+    monkeypatch.setattr(predict, "OUTPUT_ROOT", root)
+    small = {**SMALL, "iterations": 1, "interpolation_steps": 2, "save_animation": True}
+    runs = [
+        run(predictor, prompt="a lighthouse", interpolate_to=prompt, negative_prompt=prompt, **small),
+        run(predictor, prompt="a lighthouse", edit_prompt=prompt, **small),
+    ]
+    for produced in runs:
+        assert all(OUTPUT_NAME.fullmatch(path.name) for path in produced), produced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
+    assert not Path("/tmp/didp-owned").exists()
 
 
 # -- network ---------------------------------------------------------------------------------------------

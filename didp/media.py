@@ -1,0 +1,184 @@
+"""Pictures in and out: the user's image input, CLIP's view of it, and looping animations.
+
+``load_image`` is the only place a user-supplied image file is decoded. It accepts PNG, JPEG and
+WebP, judged by the decoded format (not the file name), at most ``MAX_MEGAPIXELS``; the size is
+read from the header and checked before any pixel data is decoded. Every problem is an
+``ImageInputError`` whose message starts with ``image: ``.
+"""
+
+from __future__ import annotations
+
+import math
+import stat
+import warnings
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+import torch
+from open_clip.transform import image_transform
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import Compose, Normalize
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")  # Pillow's names; JPEG also yields MPO (camera JPEGs)
+ACCEPTED_TEXT = "PNG, JPEG or WebP"
+MAX_MEGAPIXELS = 40
+ANIMATION_FORMATS = ("gif", "webp")
+# Lossy animated WebP: 16 frames of 256 px take ~0.2 s and ~8-30 kB a frame at quality 90
+# (lossless: 100-150 kB a frame, 8x the time); method 6 is 3x slower for no measurable gain.
+WEBP_QUALITY = 90
+WEBP_METHOD = 4
+# The GIF palette is computed on a mosaic of all frames downscaled to at most this many pixels.
+GIF_PALETTE_PIXELS = 1 << 16
+
+
+class ImageInputError(ValueError):
+    """An image input that cannot be used; the message starts with ``image: ``."""
+
+
+def _megapixel_check(image: Image.Image) -> None:
+    width, height = image.size
+    if width * height > MAX_MEGAPIXELS * 1_000_000:
+        raise ImageInputError(
+            f"image: {width}x{height} is {width * height / 1e6:.1f} megapixels, over the limit of {MAX_MEGAPIXELS}"
+        )
+
+
+def _found_format(path: Path) -> str:
+    """What Pillow makes of a file it could not open as an accepted format (header only)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return f"found {image.format}"
+    except Exception:
+        return "unrecognised format"
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I"):  # 16-bit greyscale PNG: scale to 8 bits instead of clipping at 255
+        image = image.convert("I").point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """A user's PNG, JPEG or WebP file as an RGB ``PIL.Image``, fully decoded and upright.
+
+    The EXIF orientation is applied; animations give their first frame; palette, greyscale
+    and alpha images are converted with ``convert("RGB")`` (alpha is dropped) as open_clip's
+    preprocessing does, 16-bit greyscale being scaled to 8 bits first.
+
+    Raises ``ImageInputError`` (a ``ValueError``) for an unreadable, empty, unsupported,
+    oversized (more than ``MAX_MEGAPIXELS``), undecodable or truncated file and for anything
+    Pillow flags as a decompression bomb.
+    """
+    path = Path(path)
+    try:
+        status = path.stat()
+    except OSError as exc:
+        raise ImageInputError(f"image: the file cannot be read ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(status.st_mode):
+        raise ImageInputError(f"image: not a regular file; a {ACCEPTED_TEXT} file is required")
+    if status.st_size == 0:
+        raise ImageInputError(f"image: the file is empty; a {ACCEPTED_TEXT} file is required")
+    kind = ""  # the format, once Pillow has read the header
+    # Pillow warns about, then refuses, images over its own pixel limit; here both are errors.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path, formats=ACCEPTED_FORMATS) as image:
+                kind = {"MPO": "JPEG ", "WEBP": "WebP "}.get(image.format, f"{image.format} ")
+                _megapixel_check(image)  # from the header, before decoding
+                image.load()  # decode now so that a truncated or corrupt file fails here
+                return _to_rgb(ImageOps.exif_transpose(image))
+        except ImageInputError:
+            raise
+        except UnidentifiedImageError as exc:
+            raise ImageInputError(f"image: not a {ACCEPTED_TEXT} file ({_found_format(path)})") from exc
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageInputError(
+                f"image: refused as a possible decompression bomb ({exc}); "
+                f"images of at most {MAX_MEGAPIXELS} megapixels are accepted"
+            ) from exc
+        except MemoryError:
+            raise
+        except Exception as exc:  # Pillow's decoders raise OSError, ValueError, SyntaxError, EOFError...
+            raise ImageInputError(
+                f"image: the {kind}file is truncated or corrupt and could not be decoded ({exc}); "
+                f"a complete {ACCEPTED_TEXT} file is required"
+            ) from exc
+
+
+@cache
+def _clip_transform(size: int) -> Compose:
+    """open_clip's eval preprocessing (resize the short side, centre crop, to tensor) minus Normalize."""
+    steps = image_transform(size, is_train=False).transforms
+    return Compose([step for step in steps if not isinstance(step, Normalize)])
+
+
+def clip_image_tensor(image: Image.Image, clip) -> torch.Tensor:
+    """``image`` as CLIP sees it: ``[1, 3, S, S]`` float32 in [0, 1] on ``clip``'s device.
+
+    open_clip's own eval preprocessing for ``clip.image_size`` (bicubic resize of the short side,
+    centre crop, RGB), without its normalisation: ``ClipEncoder.embed_image`` normalises, so
+    ``clip.embed_image(clip_image_tensor(image, clip))`` is open_clip's
+    ``normalize(encode_image(preprocess(image)))``.
+    """
+    tensor = _clip_transform(int(clip.image_size))(image)
+    return tensor.unsqueeze(0).to(device=clip.mean.device, dtype=torch.float32)
+
+
+def _frame_image(frame: torch.Tensor | Image.Image) -> Image.Image:
+    if isinstance(frame, Image.Image):
+        return frame.convert("RGB")
+    if not isinstance(frame, torch.Tensor) or frame.dim() != 3 or frame.shape[0] != 3:
+        shape = list(frame.shape) if isinstance(frame, torch.Tensor) else type(frame).__name__
+        raise ValueError(f"write_animation: frames must be [3, H, W] tensors or PIL images, got {shape}")
+    pixels = (frame.detach().float().nan_to_num(0.0).clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy(), "RGB")
+
+
+def _gif_frames(images: list[Image.Image]) -> list[Image.Image]:
+    """All frames on one adaptive 256-colour palette (max coverage), Floyd-Steinberg dithered.
+
+    One palette keeps unchanged regions identical from frame to frame (no dither flicker);
+    it is computed on a downscaled mosaic of every frame, so it covers colours of the whole run.
+    """
+    width, height = images[0].size
+    factor = max(1, math.ceil(math.sqrt(width * height * len(images) / GIF_PALETTE_PIXELS)))
+    small = [image.reduce(factor) if factor > 1 else image for image in images]
+    mosaic = Image.new("RGB", (small[0].width, small[0].height * len(small)))
+    for row, image in enumerate(small):
+        mosaic.paste(image, (0, row * small[0].height))
+    palette = mosaic.quantize(256, method=Image.Quantize.MAXCOVERAGE)
+    return [image.quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG) for image in images]
+
+
+def write_animation(
+    frames: Sequence[torch.Tensor | Image.Image], path: str | Path, fmt: str, duration_ms: int = 100
+) -> Path:
+    """Write ``frames`` as an endlessly looping animated GIF or WebP; returns ``path``.
+
+    ``frames``: ``[3, H, W]`` float tensors in [0, 1] (clamped, rounded to 8 bits) or PIL
+    images, all the same size. ``fmt``: ``"gif"`` (one adaptive palette, dithered) or
+    ``"webp"`` (lossy, quality ``WEBP_QUALITY``). ``duration_ms`` per frame, at least 20
+    (GIF stores hundredths of a second; many viewers slow down shorter GIF delays).
+    """
+    if fmt not in ANIMATION_FORMATS:
+        raise ValueError(f"write_animation: fmt must be one of {', '.join(ANIMATION_FORMATS)}, got {fmt!r}")
+    if isinstance(duration_ms, bool) or not isinstance(duration_ms, int) or duration_ms < 20:
+        raise ValueError(f"write_animation: duration_ms must be an integer of at least 20, got {duration_ms!r}")
+    images = [_frame_image(frame) for frame in frames]
+    if not images:
+        raise ValueError("write_animation: no frames")
+    if len({image.size for image in images}) > 1:
+        raise ValueError(f"write_animation: frames differ in size: {sorted({image.size for image in images})}")
+    path = Path(path)
+    if fmt == "gif":
+        images = _gif_frames(images)
+        options = {"format": "GIF"}
+    else:
+        options = {"format": "WEBP", "quality": WEBP_QUALITY, "method": WEBP_METHOD}
+    # Both encoders merge identical consecutive frames into one longer frame.
+    images[0].save(path, save_all=True, append_images=images[1:], loop=0, duration=duration_ms, **options)
+    return path

@@ -1,0 +1,238 @@
+"""Variations, interpolations, text diffs, negative prompts, best-of-N and animations, through the real
+Cog server and through ``didp``, on the tiny random models (their pictures mean nothing; the
+plumbing, the embeddings and the bookkeeping are what is checked)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from http_server import CogServer, decode_data_uri
+from PIL import Image
+
+from didp import cli
+from didp.media import clip_image_tensor, load_image
+from prior.manipulate import slerp
+from prior.weights import load_models
+
+SMALL = dict(iterations=2, display_freq=1, num_scales=3, num_cutouts=4, prior_steps=8, size=256, seed=11)
+EMBED = dict(mode="embed", prior_steps=8, seed=11)
+NPY, PNG, JSON = "application/octet-stream", "image/png", "application/json"
+
+
+def known_picture() -> Image.Image:
+    """A picture with structure in it: a colour gradient with a dark disc."""
+    y, x = np.mgrid[0:96, 0:128]
+    pixels = np.stack([x * 2, y * 2, 255 - x - y // 2], axis=-1).astype(np.uint8)
+    pixels[(x - 64) ** 2 + (y - 48) ** 2 < 30**2] = (20, 20, 40)
+    return Image.fromarray(pixels)
+
+
+def data_uri(image: Image.Image, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    outputs = tmp_path_factory.mktemp("feature-outputs")
+    log_path = tmp_path_factory.mktemp("feature-server") / "server.log"
+    with CogServer(weights="tiny", output_dir=outputs, log_path=log_path) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def models():
+    """The server's tiny models, in this process (the same seed, so the same weights)."""
+    return load_models("tiny")
+
+
+def predict(server, **inputs) -> tuple[dict, list[tuple[str, bytes]]]:
+    response = server.post_when_free({"input": inputs})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "succeeded", body.get("error")
+    return body, [decode_data_uri(uri) for uri in body["output"]]
+
+
+def npys(files: list[tuple[str, bytes]]) -> list[np.ndarray]:
+    return [np.load(io.BytesIO(data), allow_pickle=False) for kind, data in files if kind == NPY]
+
+
+def result_of(files: list[tuple[str, bytes]]) -> dict:
+    kind, data = files[-1]
+    assert kind == JSON
+    return json.loads(data)
+
+
+# -- image variations ------------------------------------------------------------------------------------
+
+
+def test_an_image_input_gives_the_embedding_clip_gives_that_picture(server, models):
+    body, files = predict(server, prompt="a dark disc on a gradient", image=data_uri(known_picture()), **EMBED)
+    _, text, image = npys(files)
+    with torch.no_grad():
+        expected = models.clip.embed_image(clip_image_tensor(known_picture(), models.clip))
+    # the server decodes the PNG itself: the same pixels, the same fp32 CLIP; 1e-6 for summation order
+    np.testing.assert_allclose(image, expected.numpy(), atol=1e-6, rtol=0)
+    result = result_of(files)
+    assert result["prior"] is None and result["image"] == {"width": 128, "height": 96}
+    assert result["inputs"]["image"] == "(a file)"  # no server path in the result
+
+
+def test_an_image_input_is_visualised(server):
+    body, files = predict(server, prompt="a dark disc", image=data_uri(known_picture(), "WEBP"), **SMALL)
+    kinds = [kind for kind, _ in files]
+    assert kinds == [NPY, NPY, NPY, PNG, PNG, JSON]
+    assert result_of(files)["final"]["step"] == 2
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (data_uri(Image.new("RGB", (8, 8)), "GIF"), "image: not a PNG, JPEG or WebP"),
+        ("data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nnot really").decode(), "image: "),
+        ("/etc/hostname", "image: give a URL or a data: URI; a path on the server is not accepted"),
+        ("../../../etc/passwd", "image: give a URL or a data: URI"),
+    ],
+)
+def test_a_bad_image_input_fails_before_any_work_with_a_clear_message(server, payload, message):
+    body = server.post_when_free({"input": {"prompt": "x", "image": payload, **EMBED}}).json()
+    assert body["status"] == "failed"
+    assert message in body["error"], body["error"]
+    assert body.get("output") in (None, [])  # nothing was produced
+
+
+# -- interpolations and text diffs ------------------------------------------------------------------------
+
+
+def test_interpolation_runs_from_one_prompts_embedding_to_the_others(server):
+    _, start_files = predict(server, prompt="a lighthouse", **EMBED)
+    _, end_files = predict(server, prompt="a forest", **EMBED)
+    body, files = predict(server, prompt="a lighthouse", interpolate_to="a forest", interpolation_steps=3, **SMALL)
+    tokens, text, image, targets = npys(files)
+    start, end = npys(start_files)[2][0], npys(end_files)[2][0]
+    assert targets.shape == (3, image.shape[1])
+    np.testing.assert_array_equal(image[0], start)  # the same seed: the same prior sample
+    np.testing.assert_allclose(targets[0], start, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(targets[-1], end, atol=1e-6, rtol=0)
+    middle = slerp(torch.from_numpy(start), torch.from_numpy(end), 0.5)
+    np.testing.assert_allclose(targets[1], middle.numpy(), atol=1e-6, rtol=0)
+    result = result_of(files)
+    assert [o["file"] for o in result["outputs"]] == ["frame_01.png", "frame_02.png", "frame_03.png"]
+    kinds = [kind for kind, _ in files]
+    # step 1 of each of the 3 members, then the 3 final frames, the animation and result.json
+    assert kinds == [NPY] * 4 + [PNG] * 3 + [PNG] * 3 + ["image/webp", JSON]
+    animation = Image.open(io.BytesIO(files[-2][1]))
+    assert animation.n_frames == 3 and animation.size == (256, 256)
+
+
+def test_an_edit_at_strength_0_leaves_the_target_and_a_sequence_turns_it(server):
+    _, base_files = predict(server, prompt="a lighthouse", **EMBED)
+    base = npys(base_files)[2]
+    _, files = predict(server, prompt="a lighthouse", edit_prompt="a lighthouse at night", edit_strength=0.0, **EMBED)
+    np.testing.assert_allclose(npys(files)[3], base, atol=1e-6, rtol=0)
+    _, files = predict(
+        server, prompt="a lighthouse", edit_prompt="at night", edit_strength=0.5, interpolation_steps=4, **EMBED
+    )
+    targets = npys(files)[3]
+    angles = np.arccos(np.clip(targets @ base[0], -1, 1))
+    np.testing.assert_allclose(np.diff(angles), angles[1], atol=1e-4)  # evenly spaced, from 0
+    assert angles[0] < 1e-3 < angles[-1]
+
+
+# -- negative prompts ---------------------------------------------------------------------------------------
+
+
+def test_a_negative_prompt_steers_guidance_and_an_empty_one_is_plain_guidance(server):
+    guided = dict(EMBED, prompt="a lighthouse", guidance_scale=3.0)
+    plain = npys(predict(server, **guided)[1])[2]
+    empty = npys(predict(server, **guided, negative_prompt="")[1])[2]
+    negative = npys(predict(server, **guided, negative_prompt="a forest")[1])[2]
+    np.testing.assert_array_equal(empty, plain)
+    assert np.abs(negative - plain).max() > 1e-3
+
+
+def test_a_negative_prompt_in_the_visualiser_is_scored(server):
+    body, files = predict(server, prompt="a lighthouse", negative_prompt="a forest", negative_weight=0.5, **SMALL)
+    final = result_of(files)["final"]
+    assert -1 <= final["similarity_to_negative"] <= 1
+
+
+# -- best-of-N and animations -----------------------------------------------------------------------------
+
+
+def test_best_of_n_writes_the_pictures_best_first_with_their_scores(server):
+    body, files = predict(server, prompt="a lighthouse", num_outputs=3, save_animation=True, **SMALL)
+    result = result_of(files)
+    outputs = result["outputs"]
+    assert [o["file"] for o in outputs] == ["best_01.png", "best_02.png", "best_03.png"]
+    scores = [o["similarity_to_text"] for o in outputs]
+    assert scores == sorted(scores, reverse=True)
+    assert sorted(o["seed"] for o in outputs) == [11, 12, 13]
+    assert result["final"]["similarity_to_text"] == scores[0]
+    kinds = [kind for kind, _ in files]
+    assert kinds == [NPY] * 3 + [PNG] * 3 + [PNG] * 3 + ["image/webp", JSON]
+    progress = Image.open(io.BytesIO(files[-2][1]))
+    assert progress.n_frames == 2 and progress.size == (3 * 256, 256)  # steps 1 and 2, members side by side
+
+
+# -- the new inputs' bad values: 422 from the server, the same from didp -----------------------------------
+
+BAD_VALUES = [
+    ("interpolation_steps", 1),
+    ("interpolation_steps", 17),
+    ("interpolation_steps", 2.5),
+    ("edit_strength", -0.1),
+    ("edit_strength", 1.5),
+    ("negative_weight", 2),
+    ("num_outputs", 0),
+    ("num_outputs", 9),
+    ("animation_format", "mp4"),
+    ("save_animation", "yes"),
+    ("image", 123),
+    ("interpolate_to", 5),
+    ("edit_prompt", None),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_VALUES)
+def test_a_bad_value_of_a_new_input_is_a_422_naming_it(server, name, value):
+    response = server.post({"input": {"prompt": "x", name: value}})
+    assert response.status_code == 422, response.text
+    assert [error["loc"] for error in response.json()["detail"]] == [["body", "input", name]]
+
+
+def test_inputs_that_cannot_go_together_fail_before_any_work(server):
+    body = server.post_when_free({"input": {"prompt": "x", "interpolate_to": "y", "num_outputs": 2, **SMALL}}).json()
+    assert body["status"] == "failed"
+    assert "num_outputs=2 cannot be combined with an interpolation" in body["error"]
+    assert body["metrics"]["predict_time"] < 1.0
+
+
+# -- didp ----------------------------------------------------------------------------------------------------
+
+
+def test_didp_takes_an_image_file_and_writes_the_outputs(tmp_path, capsys, monkeypatch, models):
+    monkeypatch.setenv("DIDP_OUTPUT_DIR", str(tmp_path / "work"))
+    picture = tmp_path / "picture.png"
+    known_picture().save(picture)
+    args = ["-i", "prompt=a dark disc", "-i", f"image=@{picture}", "-i", "mode=embed", "-i", "prior_steps=8"]
+    assert cli.main([*args, "--weights", "tiny", "-o", str(tmp_path / "out")]) == 0
+    image = np.load(tmp_path / "out" / "image_embedding.npy")
+    with torch.no_grad():
+        expected = models.clip.embed_image(clip_image_tensor(load_image(picture), models.clip))
+    np.testing.assert_allclose(image, expected.numpy(), atol=1e-6, rtol=0)
+    assert picture.exists()  # the temporary copy is removed, the user's file is not
+
+
+def test_didp_refuses_a_missing_image_file_and_bad_values_like_the_server(tmp_path, capsys):
+    assert cli.main(["-i", "prompt=x", "-i", f"image=@{tmp_path / 'nope.png'}", "--weights", "tiny"]) == 2
+    assert "image: no such file" in capsys.readouterr().err
+    assert cli.main(["-i", "prompt=x", "-i", "num_outputs=9", "--weights", "tiny"]) == 2
+    assert "num_outputs" in capsys.readouterr().err

@@ -1,0 +1,65 @@
+"""How the inputs of variations, interpolations, edits, negative prompts and best-of-N combine."""
+
+from __future__ import annotations
+
+import pytest
+
+from didp.request import DEFAULT_INTERPOLATION_STEPS, Request, text_or_none
+
+
+def test_every_input_at_its_default_passes():
+    request = Request.check()
+    assert (request.target_count, request.members, request.is_sequence) == (1, 1, False)
+
+
+@pytest.mark.parametrize(
+    ("values", "count", "members", "sequence"),
+    [
+        ({"interpolate_to": "a cat"}, DEFAULT_INTERPOLATION_STEPS, DEFAULT_INTERPOLATION_STEPS, True),
+        ({"interpolate_to": "a cat", "interpolation_steps": 3}, 3, 3, True),
+        ({"edit_prompt": "at night"}, 1, 1, False),
+        ({"edit_prompt": "at night", "interpolation_steps": 5}, 5, 5, True),
+        ({"num_outputs": 4}, 1, 4, False),
+        ({"edit_prompt": "at night", "num_outputs": 3}, 1, 3, False),
+    ],
+)
+def test_targets_and_members(values, count, members, sequence):
+    request = Request.check(**values)
+    assert (request.target_count, request.members, request.is_sequence) == (count, members, sequence)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"interpolate_to": "a", "edit_prompt": "b"}, "interpolate_to and edit_prompt cannot be combined"),
+        ({"interpolation_steps": 4}, "interpolation_steps needs interpolate_to or edit_prompt"),
+        ({"interpolate_to": "a", "num_outputs": 2}, "num_outputs=2 cannot be combined with an interpolation"),
+        ({"edit_prompt": "a", "interpolation_steps": 2, "num_outputs": 2}, "num_outputs=2 cannot be combined"),
+        ({"negative_weight": 0.5}, "negative_weight=0.5 needs a negative_prompt"),
+        ({"mode": "embed", "num_outputs": 2}, "num_outputs makes pictures: it needs mode=visualize"),
+        ({"mode": "embed", "save_animation": True}, "save_animation makes pictures: it needs mode=visualize"),
+        (
+            {"mode": "embed", "negative_prompt": "x", "negative_weight": 0.1},
+            "negative_weight makes pictures: it needs mode=visualize",
+        ),
+    ],
+)
+def test_combinations_that_cannot_work_are_refused_by_name(values, message):
+    with pytest.raises(ValueError, match=message):
+        Request.check(**values)
+
+
+def test_several_problems_are_reported_together():
+    with pytest.raises(ValueError) as error:
+        Request.check(interpolation_steps=3, negative_weight=0.2)
+    assert "interpolation_steps needs" in str(error.value) and "negative_weight=0.2 needs" in str(error.value)
+
+
+def test_embed_mode_takes_sequences_and_negative_prompts():
+    assert Request.check(mode="embed", interpolate_to="a cat", negative_prompt="blur").target_count == 8
+
+
+@pytest.mark.parametrize("blank", ["", " ", "\t\n", "\u3000", None])
+def test_a_blank_optional_caption_counts_as_not_given(blank):
+    assert text_or_none(blank) is None
+    assert text_or_none(" a cat ") == " a cat "
