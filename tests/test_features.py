@@ -236,3 +236,21 @@ def test_didp_refuses_a_missing_image_file_and_bad_values_like_the_server(tmp_pa
     assert "image: no such file" in capsys.readouterr().err
     assert cli.main(["-i", "prompt=x", "-i", "num_outputs=9", "--weights", "tiny"]) == 2
     assert "num_outputs" in capsys.readouterr().err
+
+
+def test_didp_runs_best_of_n_and_an_interpolation(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DIDP_OUTPUT_DIR", str(tmp_path / "work"))
+    small = [f"{name}={value}" for name, value in SMALL.items()]  # 2 steps: step 1 renders the shared start
+    common = [arg for pair in (("-i", item) for item in small) for arg in pair] + ["--weights", "tiny"]
+    out = tmp_path / "best"
+    assert cli.main(["-i", "prompt=a lighthouse", "-i", "num_outputs=2", *common, "-o", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert [o["file"] for o in result["outputs"]] == ["best_01.png", "best_02.png"]
+    assert all((out / o["file"]).is_file() for o in result["outputs"])
+    out = tmp_path / "interpolation"
+    args = ["-i", "prompt=a lighthouse", "-i", "interpolate_to=a forest", "-i", "interpolation_steps=2"]
+    assert cli.main([*args, "-i", "animation_format=gif", *common, "-o", str(out)]) == 0
+    assert Image.open(out / "interpolation.gif").n_frames == 2
+    assert np.load(out / "target_embeddings.npy").shape == (2, 64)
+    printed = capsys.readouterr().out.split()
+    assert printed[-1] == str(out / "result.json")
