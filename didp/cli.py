@@ -27,7 +27,7 @@ def _predictor_inputs() -> dict:
 
 def _describe(field) -> str:
     kind = field.type.primitive.name.lower()
-    parts = [field.description or ""]
+    parts = [(field.description or "").rstrip(".")]
     if field.choices:
         parts.append(f"one of {', '.join(map(str, field.choices))}")
     if field.ge is not None or field.le is not None:

@@ -35,13 +35,13 @@ def test_help_lists_every_input_with_range_and_default(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    assert (
-        "num_scales (integer): Depth of the network (6 suits 256 px, 7 suits 512 px).; range 1..10; default 6" in text
-    )
+    assert "num_scales (integer): Depth of the network (6 suits 256 px, 7 suits 512 px); range 1..10; default 6" in text
     assert "offset_type (string)" in text and "one of none, 1x1, full" in text
     assert "prompt (string)" in text and "required" in text
     for name in ("seed", "guidance_scale", "prior_steps", "mode", "size", "display_freq", "iterations"):
         assert f"  {name} (" in text
+    assert "image (path): " in text and "a file, name=@path or name=path; optional" in text
+    assert "interpolation_steps (integer): " in text and "range 2..16; optional" in text
 
 
 def test_a_run_writes_and_prints_every_file(tmp_path, capsys):
