@@ -341,7 +341,7 @@ class Predictor(BaseRunner):
             targets = yield from self._targets(prompt, picture, request, *prior_args, out, result, timings)
             if mode == "visualize":
                 if len(targets) == 1 and request.num_outputs == 1:
-                    yield from self._visualise(settings, request, out, result, timings)
+                    yield from self._visualise(settings, targets, request, out, result, timings)
                 else:
                     yield from self._visualise_many(settings, targets, request, out, result, timings)
             result["timings"] = timings
@@ -483,7 +483,6 @@ class Predictor(BaseRunner):
             targets = targets.reshape(-1, base.shape[-1])
         self.text_embed = text.embed
         self.negative_embed = None if negative is None else negative.embed[0]
-        self.target = base
         timings["prior_seconds"] = time.perf_counter() - started
         yield self._write_npy(out / "text_tokens.npy", ids.numpy().astype(np.int64))
         yield self._write_npy(out / "text_embedding.npy", text.embed.cpu().numpy().astype(np.float32))
@@ -493,12 +492,12 @@ class Predictor(BaseRunner):
         return targets
 
     def _visualise(
-        self, settings: DipSettings, request: Request, out: LocalPath, result: dict, timings: dict
+        self, settings: DipSettings, target: torch.Tensor, request: Request, out: LocalPath, result: dict, timings
     ) -> Iterator[Path]:
-        """One picture of ``self.target``: a PNG every ``display_freq`` steps."""
+        """One picture of ``target`` (``[1, d]``): a PNG every ``display_freq`` steps."""
         started = time.perf_counter()
         frames = visualise(
-            self.target,
+            target,
             self.models.clip,
             settings,
             device=self.device,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -254,3 +255,55 @@ def test_didp_runs_best_of_n_and_an_interpolation(tmp_path, capsys, monkeypatch)
     assert np.load(out / "target_embeddings.npy").shape == (2, 64)
     printed = capsys.readouterr().out.split()
     assert printed[-1] == str(out / "result.json")
+
+
+# -- what reaches the visualiser (in-process) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    import predict
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIDP_WEIGHTS", "tiny")
+        instance = predict.Predictor()
+        instance.record_metric = lambda name, value: None
+        instance.setup()
+    return instance
+
+
+def visualised_targets(predictor, monkeypatch, tmp_path, **inputs) -> tuple[list[torch.Tensor], np.ndarray]:
+    """The targets handed to the visualiser, and target_embeddings.npy (or image_embedding.npy)."""
+    import predict
+    from didp.validation import validate_inputs
+
+    monkeypatch.setattr(predict, "OUTPUT_ROOT", tmp_path)
+    seen = []
+    for name in ("visualise", "visualise_batch"):
+        original = getattr(predict, name)
+
+        def spy(target, *args, _original=original, **kwargs):
+            seen.append(target.clone())
+            return _original(target, *args, **kwargs)
+
+        monkeypatch.setattr(predict, name, spy)
+    values = validate_inputs({"prompt": "a lighthouse", **SMALL, "iterations": 0, **inputs})
+    produced = {Path(p).name: Path(p) for p in predictor.run(**values)}
+    saved = produced.get("target_embeddings.npy") or produced["image_embedding.npy"]
+    return seen, np.load(saved)
+
+
+def test_a_single_edit_is_what_is_visualised(predictor, monkeypatch, tmp_path):
+    seen, saved = visualised_targets(predictor, monkeypatch, tmp_path, edit_prompt="at night", edit_strength=0.4)
+    (target,) = seen
+    assert saved.shape == (1, 64)
+    np.testing.assert_array_equal(target.reshape(1, -1).numpy(), saved)
+    _, base = visualised_targets(predictor, monkeypatch, tmp_path)
+    assert np.abs(saved - base).max() > 1e-3  # the edit moved the target
+
+
+def test_a_sequence_and_best_of_n_hand_their_targets_over(predictor, monkeypatch, tmp_path):
+    seen, saved = visualised_targets(predictor, monkeypatch, tmp_path, interpolate_to="a forest", interpolation_steps=3)
+    np.testing.assert_array_equal(seen[0].numpy(), saved)
+    seen, saved = visualised_targets(predictor, monkeypatch, tmp_path, num_outputs=3)
+    np.testing.assert_array_equal(seen[0].numpy(), np.repeat(saved, 3, axis=0))
