@@ -1,4 +1,5 @@
-"""Shared fixtures: the dalle2-pytorch 0.11.5 oracle and random OpenAI-format CLIP weights."""
+"""Shared fixtures: the dalle2-pytorch 0.11.5 oracle, random OpenAI-format CLIP weights, and the
+predictor on the tiny models, in this process and behind the real Cog server."""
 
 from __future__ import annotations
 
@@ -78,3 +79,44 @@ def small_oracle():
 @pytest.fixture(scope="session")
 def small_clip_model():
     return openai_clip_model()
+
+
+# -- the predictor on the tiny models ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    """``predict.Predictor`` set up in this process on the tiny models, with the default memory budget."""
+    import predict
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIDP_WEIGHTS", "tiny")
+        patch.delenv("DIDP_MEMORY_BUDGET_MB", raising=False)
+        instance = predict.Predictor()
+        instance.record_metric = lambda name, value: None
+        instance.setup()
+    return instance
+
+
+def run_predictor(predictor, **inputs) -> list[Path]:
+    """The files of one run of ``predictor`` (prompt "a lighthouse" unless given), inputs checked as the
+    server checks them."""
+    from didp.validation import validate_inputs
+
+    return [Path(p) for p in predictor.run(**validate_inputs({"prompt": "a lighthouse", **inputs}))]
+
+
+@pytest.fixture(scope="module")
+def output_dir(tmp_path_factory):
+    """The output directory of the module's ``server``."""
+    return tmp_path_factory.mktemp("outputs")
+
+
+@pytest.fixture(scope="module")
+def server(output_dir, tmp_path_factory):
+    """The real Cog server on the tiny models, one per test module, writing into ``output_dir``."""
+    from http_server import CogServer
+
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    with CogServer(weights="tiny", output_dir=output_dir, log_path=log_path) as running:
+        yield running

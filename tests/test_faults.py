@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_predictor
 from http_server import CogServer, running
 
 import predict
@@ -243,27 +244,11 @@ def test_a_request_over_the_memory_budget_is_refused_up_front(fault_servers):
     assert ok["status"] == "succeeded", ok.get("error")
 
 
-@pytest.fixture(scope="module")
-def predictor(tmp_path_factory):
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setenv("DIDP_WEIGHTS", "tiny")
-    monkeypatch.delenv("DIDP_MEMORY_BUDGET_MB", raising=False)
-    instance = predict.Predictor()
-    instance.record_metric = lambda name, value: None
-    instance.setup()
-    yield instance
-    monkeypatch.undo()
-
-
 @pytest.fixture
 def output_root(tmp_path, monkeypatch):
     root = tmp_path / "outputs"
     monkeypatch.setattr(predict, "OUTPUT_ROOT", root)
     return root
-
-
-def run(predictor, **inputs) -> list[Path]:
-    return [Path(p) for p in predictor.run(**validate_inputs({"prompt": "a lighthouse", **inputs}))]
 
 
 def test_the_default_budget_is_80_percent_of_the_device_memory(predictor, monkeypatch):
@@ -288,13 +273,13 @@ def test_the_refusal_names_the_inputs_the_budget_and_what_fits(predictor, output
     monkeypatch.setattr(predictor, "memory_budget", predictor.estimate_peak_bytes(256, 12, 4))
     monkeypatch.setattr(predictor, "memory_budget_source", "a test budget")
     with pytest.raises(ValueError) as error:
-        run(predictor, **{**SMALL, "num_cutouts": 32})
+        run_predictor(predictor, **{**SMALL, "num_cutouts": 32})
     message = str(error.value)
     assert f"needs about {needed / 2**30:.2f} GB on {predictor.device.type}" in message
     assert "size=256 with num_cutouts=32 and num_scales=4" in message and "(a test budget)" in message
     assert "num_cutouts=12 fits at size=256" in message
     assert not output_root.exists()  # refused before the output directory was touched
-    assert run(predictor, **{**SMALL, "num_cutouts": 12, "iterations": 0})[-1].name == "result.json"
+    assert run_predictor(predictor, **{**SMALL, "num_cutouts": 12, "iterations": 0})[-1].name == "result.json"
 
 
 @pytest.mark.parametrize("members", [1, 3])
@@ -363,7 +348,7 @@ def test_out_of_memory_mid_run_is_reported_freed_and_the_next_run_succeeds(predi
     assert list(output_root.iterdir()) == []  # the run's files are gone
     assert held and held[0]() is None  # and so is the memory the failed step held
     monkeypatch.setattr(predict, "visualise", real)
-    assert run(predictor, **{**SMALL, "iterations": 0})[-1].name == "result.json"
+    assert run_predictor(predictor, **{**SMALL, "iterations": 0})[-1].name == "result.json"
 
 
 @pytest.mark.parametrize(
@@ -380,11 +365,11 @@ def test_out_of_memory_in_the_prior_is_reported_and_the_next_run_succeeds(predic
 
     monkeypatch.setattr(predict, "sample_image_embeds", sample)
     with pytest.raises(RuntimeError, match=r"out of memory on \w+ during this run \(the prior\)"):
-        run(predictor, **EMBED)
+        run_predictor(predictor, **EMBED)
     assert list(output_root.iterdir()) == []
     monkeypatch.undo()
     monkeypatch.setattr(predict, "OUTPUT_ROOT", output_root)
-    assert {p.name for p in run(predictor, **EMBED)} == OUTPUT_NAMES
+    assert {p.name for p in run_predictor(predictor, **EMBED)} == OUTPUT_NAMES
 
 
 def test_other_errors_are_not_mistaken_for_out_of_memory(predictor, output_root, monkeypatch):
@@ -393,7 +378,7 @@ def test_other_errors_are_not_mistaken_for_out_of_memory(predictor, output_root,
 
     monkeypatch.setattr(predict, "sample_image_embeds", sample)
     with pytest.raises(RuntimeError, match="^shape mismatch$"):
-        run(predictor, **EMBED)
+        run_predictor(predictor, **EMBED)
     assert list(output_root.iterdir()) == []  # any failure removes the run's files
 
 
@@ -409,20 +394,20 @@ def test_a_full_disk_fails_the_run_clearly_and_the_next_run_succeeds(predictor, 
 
     monkeypatch.setattr(np, "save", save_then_full)
     with pytest.raises(predict.OutputError) as error:
-        run(predictor, **EMBED)
+        run_predictor(predictor, **EMBED)
     message = str(error.value)
     assert "text_tokens.npy: No space left on device" in message
     assert f"DIDP_OUTPUT_DIR ({output_root}) must be a writable directory with free space" in message
     assert list(output_root.iterdir()) == []
     monkeypatch.setattr(np, "save", real_save)
-    assert {p.name for p in run(predictor, **EMBED)} == OUTPUT_NAMES
+    assert {p.name for p in run_predictor(predictor, **EMBED)} == OUTPUT_NAMES
 
 
 def test_an_output_dir_that_cannot_be_made_fails_the_run_clearly(predictor, tmp_path, monkeypatch):
     (tmp_path / "file").write_text("not a directory")
     monkeypatch.setattr(predict, "OUTPUT_ROOT", tmp_path / "file" / "outputs")
     with pytest.raises(predict.OutputError, match="cannot write the outputs: .*file/outputs: Not a directory"):
-        run(predictor, **EMBED)
+        run_predictor(predictor, **EMBED)
 
 
 def test_an_unwritable_output_dir_fails_the_request_and_the_server_stays_up(fault_servers):

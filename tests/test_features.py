@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from http_server import CogServer, decode_data_uri
+from http_server import decode_data_uri
 from PIL import Image
 
 from didp import cli
@@ -37,14 +37,6 @@ def data_uri(image: Image.Image, fmt: str = "PNG") -> str:
     buffer = io.BytesIO()
     image.save(buffer, fmt)
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    outputs = tmp_path_factory.mktemp("feature-outputs")
-    log_path = tmp_path_factory.mktemp("feature-server") / "server.log"
-    with CogServer(weights="tiny", output_dir=outputs, log_path=log_path) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")
@@ -258,18 +250,6 @@ def test_didp_runs_best_of_n_and_an_interpolation(tmp_path, capsys, monkeypatch)
 
 
 # -- what reaches the visualiser (in-process) ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def predictor():
-    import predict
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DIDP_WEIGHTS", "tiny")
-        instance = predict.Predictor()
-        instance.record_metric = lambda name, value: None
-        instance.setup()
-    return instance
 
 
 def visualised_targets(predictor, monkeypatch, tmp_path, **inputs) -> tuple[list[torch.Tensor], np.ndarray]:

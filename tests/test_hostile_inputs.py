@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from http_server import CogServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -27,18 +26,6 @@ from bench_reliability import (  # noqa: E402
 )
 
 FIXED_NAMES = {"text_tokens.npy", "text_embedding.npy", "image_embedding.npy", "result.json"}
-
-
-@pytest.fixture(scope="module")
-def output_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("hostile-outputs")
-
-
-@pytest.fixture(scope="module")
-def server(output_dir, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("hostile-server") / "server.log"
-    with CogServer(weights="tiny", output_dir=output_dir, log_path=log_path) as running:
-        yield running
 
 
 @pytest.mark.parametrize("case", HOSTILE, ids=[case.name for case in HOSTILE])

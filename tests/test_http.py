@@ -34,18 +34,6 @@ NPY, PNG, JSON = "application/octet-stream", "image/png", "application/json"
 
 
 @pytest.fixture(scope="module")
-def output_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("didp-outputs")
-
-
-@pytest.fixture(scope="module")
-def server(output_dir, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("cog-server") / "server.log"
-    with CogServer(weights="tiny", output_dir=output_dir, log_path=log_path) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def visualised(server):
     """One synchronous prediction: the response and its decoded outputs."""
     response = server.predict(**SMALL)

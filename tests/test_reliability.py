@@ -10,23 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from http_server import CogServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from bench_reliability import EMBED, cancel_runs, concurrent_burst, endurance, post_retrying  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def output_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("reliability-outputs")
-
-
-@pytest.fixture(scope="module")
-def server(output_dir, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("reliability-server") / "server.log"
-    with CogServer(weights="tiny", output_dir=output_dir, log_path=log_path) as running:
-        yield running
 
 
 def run_files(output_dir: Path) -> list[str]:

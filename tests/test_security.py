@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_predictor
 from http_server import CogServer, decode_data_uri, running
 
 import predict
-from didp.validation import validate_inputs
 from prior.checkpoint import CheckpointError
 
 SMALL = dict(iterations=1, display_freq=1, num_scales=4, num_cutouts=4, prior_steps=8, size=256)
@@ -151,28 +151,13 @@ def test_secrets_in_the_environment_reach_neither_logs_nor_result_json(servers):
 # -- output paths --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def predictor():
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setenv("DIDP_WEIGHTS", "tiny")
-    instance = predict.Predictor()
-    instance.record_metric = lambda name, value: None
-    instance.setup()
-    yield instance
-    monkeypatch.undo()
-
-
-def run(predictor, **inputs) -> list[Path]:
-    return [Path(p) for p in predictor.run(**validate_inputs({"prompt": "a lighthouse", **inputs}))]
-
-
 @pytest.mark.parametrize("prompt", TRAVERSAL_PROMPTS)
 def test_no_output_path_derives_from_the_prompt(predictor, tmp_path, monkeypatch, prompt):
     root = tmp_path / "outputs"
     monkeypatch.setattr(predict, "OUTPUT_ROOT", root)
     # one run also draws a picture (step_0000.png); the names are the same for every prompt
     inputs = {**SMALL, "iterations": 0} if prompt == TRAVERSAL_PROMPTS[0] else EMBED
-    produced = run(predictor, prompt=prompt, **inputs)
+    produced = run_predictor(predictor, prompt=prompt, **inputs)
     (run_dir,) = root.iterdir()
     assert RUN_DIR.fullmatch(run_dir.name)
     assert all(path.parent == run_dir and OUTPUT_NAME.fullmatch(path.name) for path in produced), produced
@@ -189,8 +174,8 @@ def test_no_output_path_derives_from_the_other_captions(predictor, tmp_path, mon
     monkeypatch.setattr(predict, "OUTPUT_ROOT", root)
     small = {**SMALL, "iterations": 1, "interpolation_steps": 2, "save_animation": True}
     runs = [
-        run(predictor, prompt="a lighthouse", interpolate_to=prompt, negative_prompt=prompt, **small),
-        run(predictor, prompt="a lighthouse", edit_prompt=prompt, **small),
+        run_predictor(predictor, prompt="a lighthouse", interpolate_to=prompt, negative_prompt=prompt, **small),
+        run_predictor(predictor, prompt="a lighthouse", edit_prompt=prompt, **small),
     ]
     for produced in runs:
         assert all(OUTPUT_NAME.fullmatch(path.name) for path in produced), produced
@@ -215,8 +200,8 @@ def test_no_network_access_while_handling_a_request(predictor, tmp_path, monkeyp
     with monkeypatch.context() as blocked:
         for name in ("socket", "create_connection", "getaddrinfo", "socketpair"):
             blocked.setattr(socket, name, refuse(name))
-        embedded = run(predictor, **EMBED)
-        pictured = run(predictor, **SMALL)
+        embedded = run_predictor(predictor, **EMBED)
+        pictured = run_predictor(predictor, **SMALL)
     assert attempts == []
     assert embedded[-1].name == pictured[-1].name == "result.json"
     assert any(path.suffix == ".png" for path in pictured)

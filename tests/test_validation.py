@@ -6,7 +6,6 @@ import logging
 
 import pytest
 from cog import _inspector
-from http_server import CogServer
 
 from didp.validation import InputError, input_errors, validate_inputs
 
@@ -48,13 +47,6 @@ BAD_INPUTS = [
     [1],
     5,
 ]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    logs = tmp_path_factory.mktemp("cog-server")
-    with CogServer(weights="tiny", output_dir=logs, log_path=logs / "server.log") as running:
-        yield running
 
 
 @pytest.mark.parametrize("values", BAD_INPUTS, ids=lambda values: repr(values)[:60])
