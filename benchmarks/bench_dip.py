@@ -58,10 +58,15 @@ def random_target(clip: ClipEncoder) -> torch.Tensor:
     return torch.randn(clip.embed_dim, generator=torch.Generator().manual_seed(0))
 
 
-def step_seconds(clip: ClipEncoder, precision: str, steps: int) -> list[float]:
-    """Durations of steps 2..steps+1 of a run (step 1 sets up oneDNN's kernels), each with its frame."""
+def step_seconds(clip: ClipEncoder, precision: str, steps: int, seeds: list[int] | None = None) -> list[float]:
+    """Durations of steps 2..steps+1 of a run (step 1 sets up oneDNN's kernels), each with its frame:
+    one picture (``visualise``), or one per seed optimised together."""
     settings = SETTINGS.replace(iterations=steps + 1, display_freq=1)
-    times = [time.perf_counter() for _ in visualise(random_target(clip), clip, settings, precision=precision)]
+    if seeds is None:
+        frames = visualise(random_target(clip), clip, settings, precision=precision)
+    else:
+        frames = visualise_batch(random_target(clip), clip, settings, seeds, precision=precision)
+    times = [time.perf_counter() for _ in frames]
     return [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
 
 
@@ -78,21 +83,13 @@ def best_steps_per_second(runs: dict[str, tuple[ClipEncoder, str]], steps: int, 
     return {name: 1 / seconds for name, seconds in fastest.items()}
 
 
-def batched_step_seconds(clip: ClipEncoder, seeds: list[int], steps: int) -> list[float]:
-    """Durations of steps 2..steps+1 of a batched run of ``len(seeds)`` pictures, each with its frame."""
-    settings = SETTINGS.replace(iterations=steps + 1, display_freq=1)
-    frames = visualise_batch(random_target(clip), clip, settings, seeds)
-    times = [time.perf_counter() for _ in frames]
-    return [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
-
-
 def batched_speedup(clip: ClipEncoder, n: int, steps: int, rounds: int) -> float:
     """n x the fastest single-picture step over the fastest step of n pictures together (default precision)."""
     precision = default_precision(torch.device("cpu"))
     single = batched = float("inf")
     for _ in range(rounds):
         single = min(single, *step_seconds(clip, precision, steps))
-        batched = min(batched, *batched_step_seconds(clip, list(range(n)), steps))
+        batched = min(batched, *step_seconds(clip, precision, steps, list(range(n))))
     return n * single / batched
 
 

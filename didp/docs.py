@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from didp.cli import _number, _predictor_inputs, is_optional
+from didp.cli import _number, _predictor_inputs, default_text
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- inputs:begin -->", "<!-- inputs:end -->"
@@ -29,8 +29,7 @@ def _allowed(field) -> str:
 def inputs_table() -> str:
     rows = ["| input | type | default | allowed | meaning |", "|---|---|---|---|---|"]
     for field in sorted(_predictor_inputs().values(), key=lambda f: f.order):
-        default = f"`{field.default}`" if field.default is not None else None
-        default = default or ("optional" if is_optional(field) else "required")
+        default = f"`{field.default}`" if field.default is not None else default_text(field)  # optional/required
         kind = field.type.primitive.name.lower()
         rows.append(f"| `{field.name}` | {kind} | {default} | {_allowed(field)} | {field.description} |")
     return "\n".join(rows)
