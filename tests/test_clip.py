@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from prior.checkpoint import Checkpoint, save_safetensors
-from prior.clip import Tokenizer
+from prior.clip import PatchEmbedding, Tokenizer, clip_model, openai_clip_config
 from prior.weights import load_clip
 
 with warnings.catch_warnings():
@@ -79,3 +79,35 @@ def test_embed_image_resizes_and_normalises(encoders):
     _, ours = encoders
     embeds = ours.embed_image(torch.rand(2, 3, 256, 256))
     torch.testing.assert_close(embeds.norm(dim=-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("size", [64, 70])  # 70: the conv drops the remainder, and so must the matmul
+def test_patch_embedding_equals_the_patchify_conv_forward_and_backward(size):
+    """Tolerance: 1e-4 absolute (float32 sums of 3 * 16**2 products of order 1)."""
+    generator = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(3, 24, 16, stride=16, bias=False)
+    torch.nn.init.normal_(conv.weight, generator=generator)
+    patchify = PatchEmbedding(conv)
+    assert patchify.weight is conv.weight
+    images = torch.rand(2, 3, size, size, generator=generator, requires_grad=True)
+    expected = conv(images)
+    out = patchify(images)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+    grad = torch.randn(expected.shape, generator=generator)
+    expected_grads = torch.autograd.grad(expected, (images, conv.weight), grad)
+    grads = torch.autograd.grad(out, (images, patchify.weight), grad)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_patch_embedding_refuses_other_convs():
+    with pytest.raises(ValueError, match="not a patchify conv"):
+        PatchEmbedding(torch.nn.Conv2d(3, 8, 3, stride=2))
+
+
+def test_the_encoder_keeps_the_state_dict_keys(small_clip_model, encoders):
+    _, ours = encoders
+    assert isinstance(ours.model.visual.conv1, PatchEmbedding)
+    with torch.device("meta"):
+        plain = clip_model(openai_clip_config(small_clip_model.state_dict()))
+    assert set(ours.model.state_dict()) == set(plain.state_dict())
