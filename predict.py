@@ -16,8 +16,6 @@ fixed file names.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import logging
 import os
@@ -38,6 +36,7 @@ from cog import BaseRunner, CancelationException, Input, Path, streaming
 from PIL import Image
 from tqdm import tqdm
 
+from didp.allocator import keep_freed_memory, release_freed_memory
 from didp.media import clip_image_tensor, load_image, write_animation
 from didp.request import Request, text_or_none
 from dip import visualise_batch
@@ -118,29 +117,6 @@ def memory_budget_bytes(device: torch.device) -> tuple[int, str]:
     return int(total * DEFAULT_BUDGET_FRACTION), f"{DEFAULT_BUDGET_FRACTION:.0%} of {total / 2**30:.1f} GB {kind}"
 
 
-def _load_libc():
-    with contextlib.suppress(OSError, TypeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        if hasattr(libc, "malloc_trim"):  # glibc
-            return libc
-    return None
-
-
-_LIBC = _load_libc()
-
-
-def release_freed_memory() -> None:
-    """Hand memory that the run freed back to the system.
-
-    The server runs predictions on threads of their own, and glibc keeps what a thread freed in
-    that thread's arena (up to 8 per core): untreated, the resident memory grew by about 70% over
-    200 requests on the tiny models; with this trim after every run it stays within a few percent
-    (``reliability.rss_growth_pct``; ``MALLOC_ARENA_MAX=2`` in the environment flattens it further).
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
 @contextlib.contextmanager
 def _writing(path: LocalPath):
     """Turn an ``OSError`` while writing ``path`` into an ``OutputError`` that says what to fix."""
@@ -182,6 +158,8 @@ class Predictor(BaseRunner):
             self.device = torch.device("cpu")
             log.warning("no CUDA device: running on the CPU, which is slow at full size")
         self.weights = os.environ.get("DIDP_WEIGHTS", "laion")
+        if self.device.type == "cpu":
+            keep_freed_memory()  # the visualiser's large tensors reuse the heap instead of page-faulting
         started = time.perf_counter()
         self.models = load_models(self.weights, self.device)
         self.setup_seconds = time.perf_counter() - started

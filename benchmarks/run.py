@@ -3,7 +3,8 @@
     python benchmarks/run.py [--quick] [--only NAME ...] --json FILE
 
 Each ``benchmarks/bench_<name>.py`` has ``run(quick: bool) -> dict[str, float]`` returning
-figures named ``<name>.<figure>``. Ratios are measured within the same run.
+figures named ``<name>.<figure>``. Ratios are measured within the same run. The process's
+allocator is set up as the served predictor's is (``didp.allocator.keep_freed_memory``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
+from didp.allocator import keep_freed_memory  # noqa: E402 (after the path set-up)
+
 
 def available() -> list[str]:
     return sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
@@ -30,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", required=True, type=Path, help="where to write the figures")
     args = parser.parse_args(argv)
 
+    keep_freed_memory()
     figures: dict[str, float] = {}
     for name in args.only or available():
         started = time.perf_counter()
