@@ -6,7 +6,9 @@ At 256 px with 8 cutouts, with the tiny random CLIP and a random CLIP of ViT-B/3
   fastest step seen, each step including its emitted frame);
 - ``dip.gflop_per_it_b32``: FLOPs of one step (forward and backward), ``torch.utils.flop_counter``;
 - ``dip.peak_fraction_b32``: achieved fp32 FLOP/s over the fp32 matmul peak measured in this run
-  (``dip.matmul_peak_gflops``, the best of several large square matmuls);
+  (``dip.matmul_peak_gflops``, the best of large square matmuls on the BLAS and on oneDNN);
+- ``dip.peak_fraction_network``, ``dip.peak_fraction_clip_b32``: the same for each half of a step
+  on its own (forward and backward): the network rendering the image, CLIP on the cutouts;
 - ``dip.bf16_speedup_b32``: steps per second with bf16 autocast over fp32;
 - ``dip.bf16_similarity_gap``: |final similarity fp32 - bf16| after 30 steps, tiny CLIP, same seed;
 - ``dip.batched_speedup_n4``: best-of-4 (one target, four seeds) with ``visualise_batch``
@@ -20,13 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import time
+from functools import partial
 from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from dip import DipSettings, default_precision, visualise, visualise_batch
+from dip.network import INPUT_CHANNELS, build_network
 from prior.clip import ClipEncoder, build_clip
 from prior.factory import random_models
 
@@ -35,15 +40,23 @@ GAP_STEPS = 30
 
 
 def matmul_peak_gflops(repeats: int = 3) -> float:
-    """The best fp32 GFLOP/s of large square matmuls."""
+    """The best fp32 GFLOP/s of large square matmuls, by either of PyTorch's CPU GEMM libraries.
+
+    ``torch.mm`` runs on the BLAS (MKL), a 1x1 convolution of a ``[1, n, n, 1]`` channels-last
+    image on oneDNN, which also runs the network's convolutions. They can differ by 2x: MKL
+    takes its AVX2 code path on AMD CPUs, oneDNN its AVX-512 one. The better is the peak.
+    """
     best = 0.0
     for n in (2048, 4096):
         a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b  # warm-up
-        for _ in range(repeats):
-            started = time.perf_counter()
-            a @ b
-            best = max(best, 2 * n**3 / (time.perf_counter() - started) / 1e9)
+        image = a.reshape(1, n, 1, n).permute(0, 3, 1, 2)  # a's rows as pixels: [1, n (channels), n, 1], NHWC
+        weight = b.t()[:, :, None, None].contiguous()  # [n out, n in, 1, 1]
+        for gemm in (partial(torch.mm, a, b), partial(F.conv2d, image, weight)):
+            gemm()  # warm-up
+            for _ in range(repeats):
+                started = time.perf_counter()
+                gemm()
+                best = max(best, 2 * n**3 / (time.perf_counter() - started) / 1e9)
     return best
 
 
@@ -93,6 +106,33 @@ def batched_speedup(clip: ClipEncoder, n: int, steps: int, rounds: int) -> float
     return n * single / batched
 
 
+def part_gflops(clip: ClipEncoder, rounds: int) -> dict[str, float]:
+    """fp32 GFLOP/s of each half of a step on its own, forward and backward, fastest of ``rounds``:
+    the network rendering 256 px (``network``) and CLIP on 8 cutouts (``clip``)."""
+    net = build_network(SETTINGS.num_scales, seed=0).to(memory_format=torch.channels_last)
+    noise = torch.randn(1, INPUT_CHANNELS, SETTINGS.size, SETTINGS.size).contiguous(memory_format=torch.channels_last)
+    cutouts = torch.rand(SETTINGS.num_cutouts, 3, clip.image_size, clip.image_size, requires_grad=True)
+
+    def network():
+        image = net(noise)
+        image.backward(torch.ones_like(image))
+
+    def clip_part():
+        clip.encode_image(cutouts).sum().backward()
+
+    figures = {}
+    for name, part in (("network", network), ("clip", clip_part)):
+        with FlopCounterMode(display=False) as counter:
+            part()
+        fastest = float("inf")
+        for _ in range(rounds + 1):  # the first sets up oneDNN's kernels
+            started = time.perf_counter()
+            part()
+            fastest = min(fastest, time.perf_counter() - started)
+        figures[name] = counter.get_total_flops() / fastest / 1e9
+    return figures
+
+
 def gflop_per_step(clip: ClipEncoder) -> float:
     """FLOPs of a 2-step run minus a 1-step run: one step, without setup or the emitted frame."""
     counts = []
@@ -134,6 +174,7 @@ def run(quick: bool) -> dict[str, float]:
     peaks.append(matmul_peak_gflops())
     speedup_n4 = batched_speedup(b32, 4, steps, rounds)
     gflop = gflop_per_step(b32)
+    parts = part_gflops(b32, rounds)
     gap = abs(final_similarity(tiny, "fp32") - final_similarity(tiny, "bf16"))
     peaks.append(matmul_peak_gflops())
     peak = max(peaks)
@@ -145,6 +186,8 @@ def run(quick: bool) -> dict[str, float]:
         "dip.gflop_per_it_b32": gflop,
         "dip.matmul_peak_gflops": peak,
         "dip.peak_fraction_b32": gflop * speed["b32"] / peak,
+        "dip.peak_fraction_network": parts["network"] / peak,
+        "dip.peak_fraction_clip_b32": parts["clip"] / peak,
         "dip.bf16_speedup_b32": speed["b32_bf16"] / speed["b32"],
         "dip.bf16_similarity_gap": gap,
         "dip.batched_speedup_n4": speedup_n4,
