@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from prior.checkpoint import Checkpoint, save_safetensors
-from prior.clip import PatchEmbedding, Tokenizer, clip_model, openai_clip_config
+from prior.clip import (
+    CPU_BF16_MATH_ATTENTION_TOKENS,
+    PatchEmbedding,
+    Tokenizer,
+    clip_model,
+    openai_clip_config,
+)
 from prior.weights import load_clip
 
 with warnings.catch_warnings():
@@ -111,3 +117,40 @@ def test_the_encoder_keeps_the_state_dict_keys(small_clip_model, encoders):
     with torch.device("meta"):
         plain = clip_model(openai_clip_config(small_clip_model.state_dict()))
     assert set(ours.model.state_dict()) == set(plain.state_dict())
+
+
+def _attention_ops(encoder, images: torch.Tensor, dtype: torch.dtype | None) -> set[str]:
+    """Names of the attention ops that ``encode_image`` runs forward and backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: set[str] = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "attention" in func.__name__:
+                seen.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    images = images.clone().requires_grad_()
+    with Record(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        encoder.encode_image(images).float().sum().backward()
+    return seen
+
+
+def test_short_sequences_in_bf16_on_the_cpu_take_plain_matmul_attention(encoders):
+    _, ours = encoders
+    assert ours.image_tokens <= CPU_BF16_MATH_ATTENTION_TOKENS  # the small test CLIP
+    images = ours.normalize(torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
+    assert not any("flash" in name for name in _attention_ops(ours, images, torch.bfloat16))
+    assert any("flash" in name for name in _attention_ops(ours, images, None))  # fp32: unchanged
+
+
+def test_plain_matmul_attention_gives_the_flash_kernels_embedding(encoders, monkeypatch):
+    """Tolerance: 0.05 on l2-normalised embeddings (bf16 keeps 8 bits of mantissa)."""
+    _, ours = encoders
+    images = ours.normalize(torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        math = F.normalize(ours.encode_image(images).float(), dim=-1)
+        monkeypatch.setattr(ours, "image_tokens", CPU_BF16_MATH_ATTENTION_TOKENS + 1)
+        flash = F.normalize(ours.encode_image(images).float(), dim=-1)
+    torch.testing.assert_close(math, flash, atol=0.05, rtol=0)
