@@ -6,9 +6,10 @@ allocation above 32 MB with a fresh ``mmap``: each step then pays a page fault p
 ``clone`` took 14 ms that way against 4 ms from memory kept in the heap (this project's
 benchmark CPU). ``keep_freed_memory`` makes malloc keep freed memory for reuse for the whole
 run; ``release_freed_memory`` hands it back to the system between runs. The price is a few
-tensors' worth of memory: PyTorch asks for 64-byte-aligned blocks, which a freed block of the
-same size cannot quite hold, so the heap grows by several blocks before freed ones merge into
-reusable runs (the visualiser's peak resident memory rose by about 3%).
+tensors' worth of memory: allocating and freeing one 64 MB tensor over and over, the heap grew
+by six such blocks before it reused freed ones (likely because PyTorch asks for 64-byte-aligned
+blocks, which a freed block of exactly the same size cannot hold); the visualiser's peak
+resident memory rose by about 3%.
 
 Both do nothing where the C library is not glibc. The served process also needs
 ``MALLOC_ARENA_MAX=1`` in its environment (cog.yaml): the server runs predictions on a thread of
