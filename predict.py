@@ -117,6 +117,19 @@ def memory_budget_bytes(device: torch.device) -> tuple[int, str]:
     return int(total * DEFAULT_BUDGET_FRACTION), f"{DEFAULT_BUDGET_FRACTION:.0%} of {total / 2**30:.1f} GB {kind}"
 
 
+def _with_progress(frames, iterations: int, desc: str):
+    """The visualiser's frames with a progress bar on stderr. Closing this generator (use
+    ``contextlib.closing``: the end, an error, a cancellation) closes ``frames``, which frees the
+    networks and optimisers at once."""
+    try:
+        with tqdm(total=iterations, desc=desc, file=sys.stderr) as bar:
+            for frame in frames:
+                bar.update(frame.step - bar.n)
+                yield frame
+    finally:
+        frames.close()
+
+
 @contextlib.contextmanager
 def _writing(path: LocalPath):
     """Turn an ``OSError`` while writing ``path`` into an ``OutputError`` that says what to fix."""
@@ -483,15 +496,11 @@ class Predictor(BaseRunner):
             negative_weight=request.negative_weight,
         )
         last, written = None, []
-        try:
-            with tqdm(total=settings.iterations, desc="visualise", file=sys.stderr) as bar:
-                for frame in frames:
-                    bar.update(frame.step - bar.n)
-                    last = frame
-                    written.append(self._write_png(out / f"step_{frame.step:04d}.png", frame.image))
-                    yield written[-1]
-        finally:
-            frames.close()  # frees the network and optimiser at once, also when cancelled
+        with contextlib.closing(_with_progress(frames, settings.iterations, "visualise")) as progress:
+            for frame in progress:
+                last = frame
+                written.append(self._write_png(out / f"step_{frame.step:04d}.png", frame.image))
+                yield written[-1]
         self._time(settings, started, timings)
         result["final"] = self._scores(last.image[None], [last.metrics])[0] | {"step": last.step}
         self.record_metric("final_similarity", result["final"]["similarity_to_target"])
@@ -517,18 +526,14 @@ class Predictor(BaseRunner):
             negative_weight=request.negative_weight,
         )
         last, written = None, []
-        try:
-            with tqdm(total=settings.iterations, desc=f"visualise x{n}", file=sys.stderr) as bar:
-                for frame in frames:
-                    bar.update(frame.step - bar.n)
-                    last = frame
-                    if frame.step == settings.iterations:
-                        break  # the final pictures are written below, named by rank or position
-                    written.append([out / f"step_{frame.step:04d}_{j + 1:02d}.png" for j in range(n)])
-                    for path, image in zip(written[-1], frame.images, strict=True):
-                        yield self._write_png(path, image)
-        finally:
-            frames.close()
+        with contextlib.closing(_with_progress(frames, settings.iterations, f"visualise x{n}")) as progress:
+            for frame in progress:
+                last = frame
+                if frame.step == settings.iterations:
+                    continue  # the final pictures are written below, named by rank or position
+                written.append([out / f"step_{frame.step:04d}_{j + 1:02d}.png" for j in range(n)])
+                for path, image in zip(written[-1], frame.images, strict=True):
+                    yield self._write_png(path, image)
         self._time(settings, started, timings)
         scores = self._scores(last.images, last.metrics)
         for j, score in enumerate(scores):

@@ -109,7 +109,7 @@ def post_retrying(
     conflicts = 0
     body = {"input": inputs} if prediction_id is None else {"id": prediction_id, "input": inputs}
     for attempt in range(attempts):
-        response = server.post(body, timeout=TIMEOUT)
+        response = server.post(body, timeout=TIMEOUT, retry_busy=False)
         if response.status_code != 409:
             return response, conflicts
         conflicts += 1
@@ -233,7 +233,7 @@ def _at_once(server: CogServer, inputs: list[dict]) -> list[requests.Response | 
     def send(k: int) -> None:
         barrier.wait()
         try:
-            responses[k] = server.post({"input": inputs[k]}, timeout=TIMEOUT)
+            responses[k] = server.post({"input": inputs[k]}, timeout=TIMEOUT, retry_busy=False)
         except Exception as error:  # noqa: BLE001 - a broken connection is a finding, not a crash
             responses[k] = error
 
@@ -552,7 +552,7 @@ def cancel_runs(server: CogServer, output_dir: Path, n: int = 20, max_delay: flo
             body = {"id": prediction_id, "input": {"prompt": f"cancelled {i}", "seed": i, **CANCEL_INPUTS}}
             body["webhook"] = hooks.url
             report.runs += 1
-            response = server.post_when_free(body, headers={"Prefer": "respond-async"}, timeout=TIMEOUT)
+            response = server.post(body, headers={"Prefer": "respond-async"}, timeout=TIMEOUT)
             if response.status_code != 202:
                 report.problems.append(f"{prediction_id}: HTTP {response.status_code} {response.text[:200]}")
                 continue

@@ -196,23 +196,25 @@ class CogServer:
             status = self.health()["status"]
         return status
 
-    def post(self, body: dict | str, headers: dict | None = None, timeout: float = 300) -> requests.Response:
-        """``POST /predictions`` with a JSON body (or raw text)."""
+    def post(
+        self, body: dict | str, headers: dict | None = None, timeout: float = 300, retry_busy: bool = True
+    ) -> requests.Response:
+        """``POST /predictions`` with a JSON body (or raw text), retried while the server answers 409
+        unless ``retry_busy`` is off: coglet 0.23.1 sometimes frees its slot a moment after sending the
+        previous response, so even a strictly sequential client can get a 409 ("At capacity"; a few
+        percent of requests that follow another, more on a loaded machine)."""
+        for attempt in range(20):
+            response = self._post_once(body, headers, timeout)
+            if response.status_code != 409 or not retry_busy:
+                return response
+            time.sleep(0.01 * 2 ** min(attempt, 6))
+        return response
+
+    def _post_once(self, body: dict | str, headers: dict | None, timeout: float) -> requests.Response:
         if isinstance(body, str):
             headers = {"Content-Type": "application/json", **(headers or {})}
             return requests.post(f"{self.url}/predictions", data=body, headers=headers, timeout=timeout)
         return requests.post(f"{self.url}/predictions", json=body, headers=headers, timeout=timeout)
-
-    def post_when_free(self, body: dict | str, headers: dict | None = None, timeout: float = 300) -> requests.Response:
-        """``post``, retried while the server answers 409: coglet 0.23.1 sometimes frees its slot a
-        moment after sending the previous response, so even a strictly sequential client can get a
-        409 (a few percent of requests that follow a visualisation)."""
-        for attempt in range(20):
-            response = self.post(body, headers=headers, timeout=timeout)
-            if response.status_code != 409:
-                return response
-            time.sleep(0.01 * 2 ** min(attempt, 6))
-        return response
 
     def predict(self, **inputs) -> dict:
         """A synchronous prediction; the response JSON (asserts HTTP 200)."""

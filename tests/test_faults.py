@@ -173,7 +173,7 @@ def test_broken_weights_make_the_server_report_setup_failed_naming_the_file(faul
     assert str(path) in logs, logs
     for word in words:
         assert word in logs, logs
-    response = server.post_when_free({"input": {"prompt": "a lighthouse", **EMBED}})
+    response = server.post({"input": {"prompt": "a lighthouse", **EMBED}})
     assert response.status_code == 503
 
 
@@ -229,7 +229,7 @@ def test_flipped_bytes_in_a_pth_record_are_detected(tmp_path, small_oracle, smal
 def test_a_request_over_the_memory_budget_is_refused_up_front(fault_servers):
     server = fault_servers["servers"]["budget"]
     outputs = fault_servers["budget"]
-    response = server.post_when_free(
+    response = server.post(
         {"input": {"prompt": "a lighthouse", **SMALL, "size": 512, "num_cutouts": 32, "num_scales": 7}}
     )
     body = response.json()
@@ -240,7 +240,7 @@ def test_a_request_over_the_memory_budget_is_refused_up_front(fault_servers):
     assert body["metrics"]["predict_time"] < 1.0  # before any work
     assert not list(outputs.iterdir())  # no run directory was made
     assert server.settled_status() == "READY"
-    ok = server.post_when_free({"input": {"prompt": "a lighthouse", **SMALL}}).json()  # under the budget
+    ok = server.post({"input": {"prompt": "a lighthouse", **SMALL}}).json()  # under the budget
     assert ok["status"] == "succeeded", ok.get("error")
 
 
@@ -413,13 +413,13 @@ def test_an_output_dir_that_cannot_be_made_fails_the_run_clearly(predictor, tmp_
 def test_an_unwritable_output_dir_fails_the_request_and_the_server_stays_up(fault_servers):
     server = fault_servers["servers"]["unwritable"]
     blocked = fault_servers["blocked"]
-    body = server.post_when_free({"input": {"prompt": "a lighthouse", **EMBED}}).json()
+    body = server.post({"input": {"prompt": "a lighthouse", **EMBED}}).json()
     assert body["status"] == "failed"
     assert "cannot write the outputs" in body["error"] and "Not a directory" in body["error"]
     assert "DIDP_OUTPUT_DIR" in body["error"]
     assert server.settled_status() == "READY"
     (blocked / "blocker").unlink()  # the operator fixes the directory: no restart needed
-    body = server.post_when_free({"input": {"prompt": "a lighthouse", **EMBED}}).json()
+    body = server.post({"input": {"prompt": "a lighthouse", **EMBED}}).json()
     assert body["status"] == "succeeded", body.get("error")
     (run_dir,) = (blocked / "blocker" / "outputs").iterdir()
     assert {p.name for p in run_dir.iterdir()} == OUTPUT_NAMES

@@ -46,7 +46,7 @@ def models():
 
 
 def predict(server, **inputs) -> tuple[dict, list[tuple[str, bytes]]]:
-    response = server.post_when_free({"input": inputs})
+    response = server.post({"input": inputs})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "succeeded", body.get("error")
@@ -95,7 +95,7 @@ def test_an_image_input_is_visualised(server):
     ],
 )
 def test_a_bad_image_input_fails_before_any_work_with_a_clear_message(server, payload, message):
-    body = server.post_when_free({"input": {"prompt": "x", "image": payload, **EMBED}}).json()
+    body = server.post({"input": {"prompt": "x", "image": payload, **EMBED}}).json()
     assert body["status"] == "failed"
     assert message in body["error"], body["error"]
     assert body.get("output") in (None, [])  # nothing was produced
@@ -202,7 +202,7 @@ def test_a_bad_value_of_a_new_input_is_a_422_naming_it(server, name, value):
 
 
 def test_inputs_that_cannot_go_together_fail_before_any_work(server):
-    body = server.post_when_free({"input": {"prompt": "x", "interpolate_to": "y", "num_outputs": 2, **SMALL}}).json()
+    body = server.post({"input": {"prompt": "x", "interpolate_to": "y", "num_outputs": 2, **SMALL}}).json()
     assert body["status"] == "failed"
     assert "num_outputs=2 cannot be combined with an interpolation" in body["error"]
     assert body["metrics"]["predict_time"] < 1.0

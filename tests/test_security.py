@@ -118,13 +118,11 @@ def test_secrets_in_the_environment_reach_neither_logs_nor_result_json(servers):
     server = servers["secrets"]
     assert server.settled_status() == "READY"
     responses = [
-        server.post_when_free({"input": {"prompt": "a lighthouse", **SMALL}}),
-        server.post_when_free(
-            {"input": {"prompt": "a lighthouse on a cliff at night " * 20, **EMBED}}
-        ),  # truncation warning
-        server.post_when_free({"input": {"prompt": "a lighthouse", **SMALL, "num_scales": 10}}),  # fails in run()
-        server.post_when_free({"input": {"prompt": "", **EMBED}}),  # rejected: 422
-        server.post_when_free({"input": {"prompt": "a lighthouse", **EMBED}}, headers={"Accept": "text/event-stream"}),
+        server.post({"input": {"prompt": "a lighthouse", **SMALL}}),
+        server.post({"input": {"prompt": "a lighthouse on a cliff at night " * 20, **EMBED}}),  # truncation warning
+        server.post({"input": {"prompt": "a lighthouse", **SMALL, "num_scales": 10}}),  # fails in run()
+        server.post({"input": {"prompt": "", **EMBED}}),  # rejected: 422
+        server.post({"input": {"prompt": "a lighthouse", **EMBED}}, headers={"Accept": "text/event-stream"}),
     ]
     statuses = [r.status_code for r in responses]
     assert statuses == [200, 200, 200, 422, 200]
@@ -217,7 +215,7 @@ def test_no_network_access_while_handling_a_request(predictor, tmp_path, monkeyp
 )
 def test_a_prediction_id_cannot_create_directories_elsewhere(servers, tmp_path):
     escaped = tmp_path / "made-by-the-prediction-id"
-    response = servers["secrets"].post_when_free({"id": str(escaped), "input": {"prompt": "a lighthouse", **EMBED}})
+    response = servers["secrets"].post({"id": str(escaped), "input": {"prompt": "a lighthouse", **EMBED}})
     assert response.status_code in (200, 400, 422)
     assert not escaped.exists()
 
@@ -229,6 +227,6 @@ def test_a_prediction_id_cannot_create_directories_elsewhere(servers, tmp_path):
 )
 def test_a_prediction_id_with_a_nul_byte_does_not_leave_the_server_busy(servers):
     server = servers["nul-id"]  # a server of its own: this leaves it busy for good
-    server.post({"id": "nul\u0000id", "input": {"prompt": "a lighthouse", **EMBED}})
+    server.post({"id": "nul\u0000id", "input": {"prompt": "a lighthouse", **EMBED}}, retry_busy=False)
     assert server.settled_status(timeout=3) == "READY"
-    assert server.post({"input": {"prompt": "a lighthouse", **EMBED}}).status_code == 200
+    assert server.post({"input": {"prompt": "a lighthouse", **EMBED}}, retry_busy=False).status_code == 200
