@@ -360,7 +360,7 @@ class Predictor(BaseRunner):
             num_cutouts,
             num_scales,
             clip_image_size=self.models.clip.image_size,
-            vit_tokens=int(visual.grid_size[0] * visual.grid_size[1]) + 1,
+            vit_tokens=self.models.clip.image_tokens,
             vit_width=int(visual.transformer.width),
             vit_layers=int(visual.transformer.layers),
             precision=default_precision(self.device),

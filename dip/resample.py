@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prior.hardware import compute_dtype
+
 # The 8-tap cubic (a = -0.5) kernel sampled at half-pixel offsets for a factor of 2.
 CUBIC_KERNEL = (
     -0.01171875,
@@ -88,12 +90,6 @@ def resample_separable(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) 
     x = torch.matmul(rows, x)  # [b, h', w * c]
     x = torch.matmul(cols, x.reshape(b * hn, w, c))  # [b * h', w', c]
     return x.reshape(b, hn, wn, c).permute(0, 3, 1, 2)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a convolution or matmul of ``x`` runs in: the autocast dtype if autocast is on."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class _Resample(nn.Module):

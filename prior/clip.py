@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .hardware import compute_dtype
+
 CONTEXT_LENGTH = 77
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -145,11 +147,11 @@ class ClipEncoder(nn.Module):
 
         Only the forward pass needs it: the backward follows the ops the forward recorded.
         """
-        device = images.device.type
-        bf16 = images.dtype == torch.bfloat16 or (
-            torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
-        )
-        if device != "cpu" or not bf16 or self.image_tokens > CPU_BF16_MATH_ATTENTION_TOKENS:
+        if (
+            images.device.type != "cpu"
+            or compute_dtype(images) != torch.bfloat16
+            or self.image_tokens > CPU_BF16_MATH_ATTENTION_TOKENS
+        ):
             return nullcontext()
         return sdpa_kernel(SDPBackend.MATH)
 

@@ -1,4 +1,4 @@
-"""What this machine's CPU can do natively."""
+"""What this machine's CPU can do natively, and the dtype an op runs in."""
 
 from __future__ import annotations
 
@@ -18,3 +18,9 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution or matmul of ``x`` runs in: the autocast dtype if autocast is on."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
