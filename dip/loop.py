@@ -184,6 +184,9 @@ def visualise_batch(
     seeds = [int(seed) for seed in seeds]
     if not seeds:
         raise ValueError("seeds must hold at least one seed")
+    low, high = DipSettings.RANGES["seed"]
+    if not all(low <= seed <= high for seed in seeds):
+        raise ValueError(f"every seed must be between {low} and {high} (-1 draws one), got {seeds}")
     targets = targets.detach()
     if targets.dim() == 1:
         targets = targets.expand(len(seeds), -1)
@@ -249,36 +252,62 @@ def _frames(
     try:
         if settings.iterations == 0:
             with torch.no_grad():
-                inputs = [run.net_input for run in runs]
-                images, losses = _render_and_score(runs, inputs, clip, targets, precision, negative, negative_weight)
+                images, losses = _render_and_score(
+                    runs, [run.net_input for run in runs], clip, targets, precision, negative, negative_weight
+                )
             yield _batch_frame(0, images, losses, clip, targets, negative, settings.lr, seeds)
             return
         for step in range(1, settings.iterations + 1):
             ramp = 1 - (step - 1) / settings.iterations
-            inputs = [run.input_at(ramp, settings.input_noise_strength) for run in runs]
-            images, losses = _render_and_score(runs, inputs, clip, targets, precision, negative, negative_weight)
-            for run in runs:
-                run.optimiser.zero_grad(set_to_none=True)
-            scaler.scale(losses.sum()).backward()
-            for run in runs:
-                scaler.step(run.optimiser)
-            scaler.update()
-            if settings.param_noise_strength:
-                for run in runs:
-                    _add_param_noise(run.optimiser, settings.param_noise_strength * ramp, run.param_generator)
+            images, losses = _step(runs, ramp, settings, scaler, clip, targets, precision, negative, negative_weight)
             if is_display_step(step, settings.iterations, settings.display_freq):
                 lr = runs[0].optimiser.param_groups[0]["lr"]
                 yield _batch_frame(step, images, losses, clip, targets, negative, lr, seeds)
-            for run in runs:
-                for group in run.optimiser.param_groups:
-                    group["lr"] *= settings.lr_decay
+            _decay_lr(runs, settings.lr_decay)
     except BaseException as error:
-        # the frames the error passed through (net(x), backward...) still hold the tensors
+        # the frames the error passed through (_step, net(x), backward...) still hold the tensors
         traceback.clear_frames(error.__traceback__)
         raise
     finally:
-        # a closed or failed generator may be kept alive (by its caller, or a traceback): drop the tensors now
+        # A closed or failed generator may be kept alive (by its caller, or a traceback): drop the
+        # tensors now. This frame is still running, so clear_frames cannot clear it; the work of a
+        # step lives in _step's frame, which it can, and these are the only tensors held here.
         del runs, scaler, images, losses
+
+
+def _step(
+    runs: list[_Run],
+    ramp: float,
+    settings: DipSettings,
+    scaler: torch.amp.GradScaler,
+    clip: ClipEncoder,
+    targets: torch.Tensor,
+    precision: str,
+    negative: torch.Tensor | None,
+    negative_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step of every picture: render, score, backward, MADGRAD, parameter noise.
+
+    Returns the pictures rendered in it and their losses (``_render_and_score``).
+    """
+    inputs = [run.input_at(ramp, settings.input_noise_strength) for run in runs]
+    images, losses = _render_and_score(runs, inputs, clip, targets, precision, negative, negative_weight)
+    for run in runs:
+        run.optimiser.zero_grad(set_to_none=True)
+    scaler.scale(losses.sum()).backward()
+    for run in runs:
+        scaler.step(run.optimiser)
+    scaler.update()
+    if settings.param_noise_strength:
+        for run in runs:
+            _add_param_noise(run.optimiser, settings.param_noise_strength * ramp, run.param_generator)
+    return images, losses
+
+
+def _decay_lr(runs: list[_Run], lr_decay: float) -> None:
+    for run in runs:
+        for group in run.optimiser.param_groups:
+            group["lr"] *= lr_decay
 
 
 def _render_and_score(

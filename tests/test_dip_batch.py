@@ -97,6 +97,8 @@ def test_a_negative_pushes_the_picture_away_from_it(clip):
         (dict(targets=torch.zeros(2, 64), seeds=[1, 2, 3]), r"targets must have shape \[64\] or \[3, 64\]"),
         (dict(targets=torch.zeros(5), seeds=[1]), r"targets must have shape \[64\]"),
         (dict(targets=torch.zeros(64), seeds=[]), "seeds must hold at least one seed"),
+        (dict(targets=torch.zeros(64), seeds=[1, -5]), r"every seed must be between -1 and 4294967295"),
+        (dict(targets=torch.zeros(64), seeds=[2**70]), r"every seed must be between -1 and 4294967295"),
         (dict(targets=torch.zeros(64), seeds=[1], negative_weight=-1.0), "negative_weight must be at least 0"),
         (dict(targets=torch.zeros(64), seeds=[1], negative=torch.zeros(3)), r"negative must have shape \[64\]"),
     ],

@@ -179,18 +179,27 @@ def test_closing_the_generator_releases_the_network_and_optimiser(target, clip, 
     assert all(ref() is None for ref in refs + params)  # freed by reference counting, no gc needed
 
 
-def test_a_failing_loop_releases_its_tensors_too(target, clip, created, monkeypatch):
-    def fail(*args, **kwargs):
-        raise RuntimeError("boom")
+@pytest.mark.parametrize("failing_step", [1, 2, 3])  # 3: after a frame was emitted (display_freq=2)
+def test_a_failing_loop_releases_its_tensors_too(target, clip, created, monkeypatch, failing_step):
+    calls = []
+    distance = dip.loop.spherical_distance
 
+    def fail_at_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == failing_step:
+            raise RuntimeError("boom")
+        return distance(*args, **kwargs)
+
+    monkeypatch.setattr(dip.loop, "spherical_distance", fail_at_step)
     frames = visualise(target, clip, SMALL)
-    monkeypatch.setattr(dip.loop, "spherical_distance", fail)
     with pytest.raises(RuntimeError, match="boom") as caught:
-        next(frames)
+        list(frames)
     net = weakref.ref(created["net"][0])
+    params = [weakref.ref(p) for p in created["net"][0].parameters()]
     created.clear()
     gc.collect()
-    assert caught.value.__traceback__ is not None and net() is None  # even while the traceback lives
+    assert caught.value.__traceback__ is not None  # the traceback lives on, as in a caller's log or debugger
+    assert net() is None and all(ref() is None for ref in params)
 
 
 def test_settings_are_checked_before_any_work(target, clip, created):
