@@ -199,7 +199,7 @@ class Predictor(BaseRunner):
             choices=["none", "1x1", "full"],
         ),
         num_scales: int = Input(
-            description="Depth of the network (6 suits 256 px, 7 suits 512 px).", default=6, ge=1, le=10
+            description="Depth of the network (at most 6 at 256 px, 7 at 512 px).", default=6, ge=1, le=10
         ),
         size: int = Input(description="Side of the square image in pixels.", default=256, choices=[256, 512]),
         input_noise_strength: float = Input(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import shutil
 import sys
@@ -54,6 +55,33 @@ def default_text(field) -> str:
     return "optional" if is_optional(field) else "required"
 
 
+def _local_file(name: str, value: str) -> Path:
+    """The file a path input names (``@path`` or ``path``); a missing one is an error naming the input."""
+    path = Path(value.removeprefix("@")).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{name}: no such file: {path}")
+    return path
+
+
+def check_before_setup(values: dict, fields: dict) -> None:
+    """The predictor's own checks that need no model, run before the models load, so that a request
+    that cannot work fails at once rather than after loading (or downloading) the weights: files
+    exist, the inputs combine (``Request.check``), ``num_scales`` fits ``size`` (``DipSettings``)."""
+    from didp.request import Request, text_or_none
+    from dip.settings import DipSettings
+
+    for name, value in values.items():
+        field = fields.get(name)
+        if field is not None and field.type.primitive.name == "PATH" and value is not None:
+            _local_file(name, value)
+    request = {f.name: values[f.name] for f in dataclasses.fields(Request) if f.name in values}
+    for name in ("interpolate_to", "edit_prompt", "negative_prompt"):
+        if name in request:
+            request[name] = text_or_none(request[name])
+    Request.check(**request)
+    DipSettings(**{f.name: values[f.name] for f in dataclasses.fields(DipSettings) if f.name in values}).validate()
+
+
 @contextlib.contextmanager
 def local_files(values: dict, fields: dict):
     """File inputs (``@path`` or ``path``) handed over as the server hands them over: as a copy in
@@ -67,9 +95,7 @@ def local_files(values: dict, fields: dict):
             field = fields.get(name)
             if field is None or field.type.primitive.name != "PATH" or value is None:
                 continue
-            path = Path(value.removeprefix("@")).expanduser()
-            if not path.is_file():
-                raise ValueError(f"{name}: no such file: {path}")
+            path = _local_file(name, value)
             handle, copy = tempfile.mkstemp(suffix=path.suffix[:16])
             os.close(handle)
             copies.append(Path(copy))
@@ -138,8 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     fields = _predictor_inputs()
     try:
         values = validate_inputs(parse_assignments(args.input, fields))
+        check_before_setup(values, fields)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.output.exists() and not args.output.is_dir():
+        print(f"error: -o {args.output}: not a directory", file=sys.stderr)
         return 2
     if args.weights:
         os.environ["DIDP_WEIGHTS"] = args.weights
@@ -153,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a clear message, not a traceback, for missing or broken weights
         print(f"error: setup failed: {error}", file=sys.stderr)
         return 1
-    args.output.mkdir(parents=True, exist_ok=True)
     try:
+        args.output.mkdir(parents=True, exist_ok=True)
         with local_files(values, fields) as run_values:
             for produced in predictor.run(**run_values):
                 target = args.output / Path(produced).name

@@ -35,7 +35,8 @@ def test_help_lists_every_input_with_range_and_default(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    assert "num_scales (integer): Depth of the network (6 suits 256 px, 7 suits 512 px); range 1..10; default 6" in text
+    expected = "num_scales (integer): Depth of the network (at most 6 at 256 px, 7 at 512 px); range 1..10; default 6"
+    assert expected in text
     assert "offset_type (string)" in text and "one of none, 1x1, full" in text
     assert "prompt (string)" in text and "required" in text
     for name in ("seed", "guidance_scale", "prior_steps", "mode", "size", "display_freq", "iterations"):
@@ -100,6 +101,29 @@ def test_impossible_num_scales_for_the_size_names_the_input(tmp_path, capsys):
     code, out, err = run(tmp_path, capsys, "-i", "prompt=x", "-i", "num_scales=10", "-i", "size=256")
     assert code == 2 and "num_scales" in err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-i", "num_scales=8"], "num_scales=8 does not fit size=256"),
+        (["-i", "interpolation_steps=4"], "interpolation_steps needs interpolate_to or edit_prompt"),
+        (["-i", "image=@/no/such/picture.png"], "image: no such file: /no/such/picture.png"),
+    ],
+)
+def test_requests_that_cannot_work_are_refused_before_the_weights_load(tmp_path, capsys, args, message):
+    missing = tmp_path / "no-weights-here"  # setup would fail on these: the request must fail first
+    code = main(["-i", "prompt=x", *args, "--weights", str(missing), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "setup failed" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_path_that_is_a_file_is_refused_before_the_weights_load(tmp_path, capsys):
+    (tmp_path / "result.json").write_text("{}")
+    code = main(["-i", "prompt=x", "--weights", str(tmp_path / "nowhere"), "-o", str(tmp_path / "result.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a directory" in err and "Traceback" not in err
 
 
 def test_missing_weights_fail_with_a_clear_message(tmp_path, capsys):
