@@ -35,7 +35,9 @@ def _describe(field) -> str:
         low = "" if field.ge is None else _number(field.ge)
         high = "" if field.le is None else _number(field.le)
         parts.append(f"range {low}..{high}")
-    if field.min_length:
+    if field.regex == r"\S":
+        parts.append("not blank")
+    elif field.min_length:
         parts.append(f"at least {field.min_length} character(s)")
     if kind == "path":
         parts.append("a file, name=@path or name=path")

@@ -22,7 +22,7 @@ def _allowed(field) -> str:
         low = _number(field.ge) if field.ge is not None else ""
         return f"{low} to {_number(field.le) if field.le is not None else ''}"
     if field.min_length:
-        return "non-empty"
+        return "not blank" if field.regex == r"\S" else "non-empty"
     return ""
 
 

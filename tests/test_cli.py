@@ -38,7 +38,7 @@ def test_help_lists_every_input_with_range_and_default(capsys):
     expected = "num_scales (integer): Depth of the network (at most 6 at 256 px, 7 at 512 px); range 1..10; default 6"
     assert expected in text
     assert "offset_type (string)" in text and "one of none, 1x1, full" in text
-    assert "prompt (string)" in text and "required" in text
+    assert "prompt (string): Caption to visualise: what CLIP should see; not blank; required" in text
     for name in ("seed", "guidance_scale", "prior_steps", "mode", "size", "display_freq", "iterations"):
         assert f"  {name} (" in text
     assert "image (path): " in text and "a file, name=@path or name=path; optional" in text
