@@ -5,7 +5,9 @@ A checkpoint is a ``DiffusionPrior`` state dict: ``net.*`` (the network), ``nois
 ``{"ema_model": ...}`` / ``{"model": ...}``, in fp16 or fp32, as ``.pth`` or ``.safetensors``.
 
 - ``.pth`` files are read with ``torch.load(weights_only=True)``: no pickled code ever runs. A
-  zip-format ``.pth`` is first checked against its records' CRC-32s.
+  zip-format ``.pth`` is first checked against its records' CRC-32s. The one object beside the
+  tensors that 0.11.5's ``DiffusionPriorTrainer.save`` writes, its ``packaging`` version, is
+  read as an inert placeholder (``_Unused``), never as the class it names.
 - ``.safetensors`` files are read tensor by tensor with plain reads into fresh buffers, not
   through a memory map, so loading peaks at the model's size plus one tensor.
 """
@@ -40,6 +42,28 @@ _SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 _SAFETENSORS_MAX_HEADER = 100 * 2**20
+
+
+# Globals a dalle2-pytorch 0.11.5 trainer checkpoint pickles beside its tensors: its "version",
+# a packaging Version (in any packaging release's layout). They are not needed, so each is read
+# as an _Unused placeholder instead of being imported.
+_TRAINER_GLOBALS = (
+    "packaging.version.Version",
+    "packaging.version._Version",
+    "packaging.version.LegacyVersion",
+    "packaging._structures.InfinityType",
+    "packaging._structures.NegativeInfinityType",
+)
+
+
+class _Unused:
+    """Stands in for an unpickled object that is not needed: takes any arguments and state, runs nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __setstate__(self, state):
+        pass
 
 
 class CheckpointError(ValueError):
@@ -83,12 +107,13 @@ class Checkpoint:
         if magic.startswith(b"PK"):
             self._check_zip()
         try:
-            try:
-                return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as error:
-                if "mmap" not in str(error):
-                    raise
-                return torch.load(self.path, map_location="cpu", weights_only=True)  # legacy format
+            with torch.serialization.safe_globals([(_Unused, name) for name in _TRAINER_GLOBALS]):
+                try:
+                    return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as error:
+                    if "mmap" not in str(error):
+                        raise
+                    return torch.load(self.path, map_location="cpu", weights_only=True)  # legacy format
         except pickle.UnpicklingError as error:
             # torch's message: advice to disable the check, then what was blocked; keep the latter
             lines = [line for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
@@ -288,7 +313,21 @@ def materialize(
 
 
 def save_safetensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Write tensors as safetensors (contiguous copies where needed)."""
+    """Write tensors as safetensors (contiguous copies where needed), flushed to disk.
+
+    Tensors that share memory are written as copies: safetensors refuses shared storage, and
+    0.11.5's state dicts share one rotary ``freqs`` tensor between all layers.
+    """
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    tensors, storages = {}, set()
+    for name, tensor in state.items():
+        tensor = tensor.contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in storages:
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())

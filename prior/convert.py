@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("target must end in .safetensors")
     try:
         convert(args.source, args.target, getattr(torch, args.dtype) if args.dtype else None)
-    except CheckpointError as error:
+    except (CheckpointError, OSError) as error:  # a damaged source, or a target that cannot be written
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(args.target)

@@ -65,15 +65,25 @@ def weights_dir() -> Path:
     return Path(os.environ.get("DIDP_WEIGHTS_DIR", DEFAULT_WEIGHTS_DIR))
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
 def hub_reachable(timeout: float = 1.0) -> bool:
-    """Whether the Hugging Face endpoint answers a TCP connection within ``timeout`` seconds."""
+    """Whether the Hugging Face endpoint answers a TCP connection within ``timeout`` seconds.
+
+    Behind a proxy (``HTTPS_PROXY`` and the like, which huggingface_hub follows) the endpoint is
+    not reached directly, so it counts as reachable and the download itself decides.
+    """
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return True
     from huggingface_hub import constants
 
     url = urlparse(constants.ENDPOINT)
+    port = url.port or (80 if url.scheme == "http" else 443)
     try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+        with socket.create_connection((url.hostname, port), timeout=timeout):
             return True
     except OSError:
         return False
@@ -201,11 +211,29 @@ def convert(source: Path, target: Path, dtype: torch.dtype | None = None) -> Pat
     checkpoint.check_prefixes()
     wanted = run_dtypes(checkpoint, dtype) if dtype is not None else {}
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    state = {name: t.to(wanted.get(name, t.dtype)) for name, t in checkpoint.tensors()}
-    save_safetensors(state, partial, metadata={"source": source.name})
-    partial.replace(target)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")  # one per process: no two writers share it
+    try:
+        state = {name: t.to(wanted.get(name, t.dtype)) for name, t in checkpoint.tensors()}
+        save_safetensors(state, partial, metadata={"source": source.name})
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    _fsync_directory(target.parent)
     return target
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def converted_name(dtype: torch.dtype) -> str:
@@ -216,6 +244,12 @@ def laion_models(dtype: torch.dtype, device: torch.device | str) -> Models:
     """LAION's prior, converted to safetensors on first use, and its CLIP."""
     cache = weights_dir()
     converted = cache / "laion" / converted_name(dtype)
+    if converted.is_file():
+        try:
+            Checkpoint(converted)  # reads the header and checks it against the file's size
+        except CheckpointError as error:
+            log.warning("%s is damaged, converting the checkpoint again: %s", converted, error)
+            converted.unlink()
     if not converted.is_file():
         convert(fetch(LAION_PRIOR, cache), converted, dtype)
     clip_path = None

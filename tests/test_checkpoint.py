@@ -90,6 +90,30 @@ def test_safetensors_conversion_keeps_every_tensor(tmp_path, prior_state, clip_s
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_state_dict_whose_tensors_share_memory_converts(tmp_path, prior_state, clip_state):
+    # 0.11.5's layers share one rotary ``freqs`` tensor; fp32 keeps the sharing through torch.save
+    state = full_state(prior_state, clip_state, torch.float32)
+    freqs = [v for k, v in state.items() if k.endswith("rotary_emb.freqs")]
+    assert len(freqs) == SMALL_PRIOR["depth"] and len({f.untyped_storage().data_ptr() for f in freqs}) == 1
+    torch.save({"ema_model": state}, tmp_path / "prior.pth")
+    convert(tmp_path / "prior.pth", tmp_path / "out" / "prior.safetensors")
+    converted = dict(Checkpoint(tmp_path / "out" / "prior.safetensors").tensors())
+    assert converted.keys() == state.keys() and all(torch.equal(converted[k], v) for k, v in state.items())
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["prior.safetensors"]  # no partial file left
+
+
+def test_a_dalle2_trainer_checkpoint_loads(tmp_path, prior_state, clip_state):
+    """0.11.5's DiffusionPriorTrainer.save also pickles its package version, a packaging Version."""
+    from packaging import version
+
+    state = full_state(prior_state, clip_state)
+    online = {k: torch.zeros_like(v) for k, v in state.items()}  # the trained, not averaged, weights
+    ema = {"initted": torch.tensor(True), "step": torch.tensor(7), **{f"ema_model.{k}": v for k, v in state.items()}}
+    saved = {"scaler": {}, "optimizer": {}, "model": online, "version": version.parse("0.11.5"), "step": 7}
+    torch.save({**saved, "ema": ema, "ema_model": state}, tmp_path / "trainer.pth")
+    assert_loaded(load_models(tmp_path / "trainer.pth", prior_dtype=torch.float32), prior_state)  # the EMA weights
+
+
 def test_convert_command_writes_safetensors(tmp_path, prior_state, clip_state):
     from prior.convert import main
 
@@ -237,6 +261,66 @@ def test_converted_laion_weights_in_the_cache_load_without_network(tmp_path, mon
     models = load_models("laion", prior_dtype=torch.float32)
     assert models.name == "laion"
     assert_loaded(models, prior_state)
+
+
+def fake_hub_cache(cache: Path, filename: str, data: Path) -> None:
+    """``data`` as huggingface_hub's cache holds ``laion/DALLE2-PyTorch``'s ``filename``."""
+    repo = cache / "models--laion--DALLE2-PyTorch"
+    revision = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "snapshots" / revision / filename).write_bytes(data.read_bytes())
+
+
+def test_a_damaged_converted_file_in_the_cache_is_converted_again(tmp_path, monkeypatch, prior_state, clip_state):
+    monkeypatch.setenv("DIDP_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.save(full_state(prior_state, clip_state), tmp_path / "src.pth")
+    fake_hub_cache(tmp_path, "prior_ema_fp16.pth", tmp_path / "src.pth")
+    converted = tmp_path / "laion" / converted_name(torch.float32)
+    convert(tmp_path / "src.pth", converted, torch.float32)
+    whole = converted.read_bytes()
+    converted.write_bytes(whole[: len(whole) // 2])  # e.g. a full disk, or a copy cut short
+    with pytest.raises(CheckpointError, match="truncated"):
+        Checkpoint(converted)
+    assert_loaded(load_models("laion", prior_dtype=torch.float32), prior_state)
+    assert len(dict(Checkpoint(converted).tensors())) == len(full_state(prior_state, clip_state))  # whole again
+
+
+def test_behind_a_proxy_the_hub_is_not_probed_directly(monkeypatch):
+    from prior.weights import hub_reachable
+
+    def no_direct_route(*args, **kwargs):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(socket, "create_connection", no_direct_route)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert not hub_reachable()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert hub_reachable()  # huggingface_hub goes through the proxy: the download decides
+
+
+def test_the_probe_uses_the_endpoint_schemes_port(monkeypatch):
+    from huggingface_hub import constants
+
+    from prior.weights import hub_reachable
+
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    probed = []
+
+    def record(address, timeout):
+        probed.append(address)
+        raise OSError("refused")
+
+    monkeypatch.setattr(socket, "create_connection", record)
+    for endpoint in ("http://mirror.example", "https://mirror.example", "http://mirror.example:8080"):
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        hub_reachable()
+    assert probed == [("mirror.example", 80), ("mirror.example", 443), ("mirror.example", 8080)]
 
 
 def test_unknown_weights_name_is_explained():
