@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import secrets
@@ -242,7 +243,7 @@ class Predictor(BaseRunner):
             description="Random seed; -1 draws one (reported in result.json).", default=-1, ge=-1, le=MAX_SEED
         ),
         image: Path | None = Input(
-            description="A picture (PNG, JPEG or WebP, up to 40 megapixels) whose CLIP image embedding "
+            description="A picture (PNG, JPEG or WebP, up to 40 megapixels and 100:1) whose CLIP image embedding "
             "becomes the target instead of the prior's: how CLIP sees it. The prompt then describes it.",
             default=None,
         ),
@@ -514,7 +515,8 @@ class Predictor(BaseRunner):
         first), or one picture per target of a sequence, all from one initialisation and noise."""
         best_of = request.num_outputs > 1
         n = request.num_outputs if best_of else targets.shape[0]
-        seeds = [settings.seed + i for i in range(n)] if best_of else [settings.seed] * n
+        # seed, seed+1, ... wrapping past MAX_SEED, so that every reported seed can be given back as `seed`
+        seeds = [(settings.seed + i) % (MAX_SEED + 1) for i in range(n)] if best_of else [settings.seed] * n
         started = time.perf_counter()
         frames = visualise_batch(
             targets.expand(n, -1) if best_of else targets,
@@ -593,6 +595,11 @@ class Predictor(BaseRunner):
                     self.run_dir.mkdir(mode=0o700)
                     return self.run_dir
 
+    def discard_outputs(self) -> None:
+        """Remove the last run's files now (the server keeps them until the next prediction; a
+        caller that has copied them out, like ``didp``, calls this)."""
+        self._discard_run()
+
     def _discard_run(self) -> None:
         """Remove the current run's directory, if any."""
         if self.run_dir is not None:
@@ -637,10 +644,22 @@ class Predictor(BaseRunner):
 
     @staticmethod
     def _write_json(path: LocalPath, data: dict) -> Path:
+        """``data`` as strict JSON: a NaN or infinite number (a diverged run's loss) becomes ``null``."""
         data = {**data, "versions": {"python": platform.python_version(), "torch": torch.__version__}}
         with _writing(path):
-            path.write_text(json.dumps(data, indent=2))
+            path.write_text(json.dumps(_finite(data), indent=2, allow_nan=False))
         return Path(path)
+
+
+def _finite(value):
+    """``value`` with every non-finite float, however deeply nested, replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

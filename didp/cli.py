@@ -137,7 +137,11 @@ def _convert(text: str, kind: str):
     in the server's words)."""
     try:
         if kind == "INTEGER":
-            return int(text)
+            try:
+                return int(text)
+            except ValueError:
+                number = float(text)  # "8.0" or "1e3", whole numbers the server takes as integers too
+                return int(number) if number.is_integer() else number
         if kind == "FLOAT":
             return float(text)
     except ValueError:
@@ -198,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, OSError) as error:  # out of memory, unwritable outputs: the message says what to do
         print(f"error: {error}", file=sys.stderr)
         return 1
+    finally:
+        predictor.discard_outputs()  # copied to -o already; the server's copy would outlive this process
     return 0
 
 

@@ -1,8 +1,9 @@
 """Pictures in and out: the user's image input, CLIP's view of it, and looping animations.
 
 ``load_image`` is the only place a user-supplied image file is decoded. It accepts PNG, JPEG and
-WebP, judged by the decoded format (not the file name), at most ``MAX_MEGAPIXELS``; the size is
-read from the header and checked before any pixel data is decoded. Every problem is an
+WebP, judged by the decoded format (not the file name), at most ``MAX_MEGAPIXELS`` and at most
+``MAX_ASPECT_RATIO`` to 1; the size is read from the header and checked before any pixel data is
+decoded. Every problem is an
 ``ImageInputError`` whose message starts with ``image: ``.
 """
 
@@ -23,6 +24,10 @@ from torchvision.transforms import Compose, Normalize
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")  # Pillow's names; JPEG also yields MPO (camera JPEGs)
 ACCEPTED_TEXT = "PNG, JPEG or WebP"
 MAX_MEGAPIXELS = 40
+# CLIP's preprocessing resizes the short side to 224 px before it crops, so the long side grows by
+# as much: a 1,000,000 x 1 strip (a 3 kB PNG) would become 224 x 224,000,000 pixels. At 100:1 the
+# resized picture is at most 224 x 22,400 (15 MB).
+MAX_ASPECT_RATIO = 100
 ANIMATION_FORMATS = ("gif", "webp")
 # Lossy animated WebP: 16 frames of 256 px take ~0.2 s and ~8-30 kB a frame at quality 90
 # (lossless: 100-150 kB a frame, 8x the time); method 6 is 3x slower for no measurable gain.
@@ -36,11 +41,16 @@ class ImageInputError(ValueError):
     """An image input that cannot be used; the message starts with ``image: ``."""
 
 
-def _megapixel_check(image: Image.Image) -> None:
+def _size_check(image: Image.Image) -> None:
     width, height = image.size
     if width * height > MAX_MEGAPIXELS * 1_000_000:
         raise ImageInputError(
             f"image: {width}x{height} is {width * height / 1e6:.1f} megapixels, over the limit of {MAX_MEGAPIXELS}"
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageInputError(
+            f"image: {width}x{height} is more elongated than {MAX_ASPECT_RATIO}:1; CLIP sees only its centred "
+            "square, so crop the picture to the part that matters"
         )
 
 
@@ -69,7 +79,8 @@ def load_image(path: str | Path) -> Image.Image:
     preprocessing does, 16-bit greyscale being scaled to 8 bits first.
 
     Raises ``ImageInputError`` (a ``ValueError``) for an unreadable, empty, unsupported,
-    oversized (more than ``MAX_MEGAPIXELS``), undecodable or truncated file and for anything
+    oversized (more than ``MAX_MEGAPIXELS``), too elongated (``MAX_ASPECT_RATIO``), undecodable or
+    truncated file and for anything
     Pillow flags as a decompression bomb.
     """
     path = Path(path)
@@ -88,7 +99,7 @@ def load_image(path: str | Path) -> Image.Image:
         try:
             with Image.open(path, formats=ACCEPTED_FORMATS) as image:
                 kind = {"MPO": "JPEG ", "WEBP": "WebP "}.get(image.format, f"{image.format} ")
-                _megapixel_check(image)  # from the header, before decoding
+                _size_check(image)  # from the header, before decoding
                 image.load()  # decode now so that a truncated or corrupt file fails here
                 return _to_rgb(ImageOps.exif_transpose(image))
         except ImageInputError:

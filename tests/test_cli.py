@@ -64,6 +64,33 @@ def test_a_run_writes_and_prints_every_file(tmp_path, capsys):
     assert result["seed"] == 5 and result["inputs"]["iterations"] == 2
 
 
+def test_a_run_leaves_its_files_only_in_the_output_directory(tmp_path, capsys, monkeypatch):
+    import predict
+
+    monkeypatch.setattr(predict, "OUTPUT_ROOT", tmp_path / "server-side")
+    code, _, _ = run(tmp_path / "out", capsys, "-i", "prompt=a red cube", "-i", "seed=5", *FAST)
+    assert code == 0 and len(list((tmp_path / "out").iterdir())) == 6
+    assert list((tmp_path / "server-side").iterdir()) == []  # the predictor's run directory is gone
+
+
+def test_whole_numbers_written_as_floats_are_integers_as_on_the_server(tmp_path, capsys):
+    code, _, err = run(
+        tmp_path, capsys, "-i", "prompt=x", "-i", "mode=embed", "-i", "prior_steps=8.0", "-i", "seed=1e3"
+    )
+    assert code == 0, err
+    inputs = json.loads((tmp_path / "result.json").read_text())["inputs"]
+    assert (inputs["prior_steps"], inputs["seed"]) == (8, 1000)
+    code, _, err = run(tmp_path, capsys, "-i", "prompt=x", "-i", "prior_steps=8.5")
+    assert code == 2 and "prior_steps: 8.5 is not of type" in err
+
+
+def test_best_of_n_seeds_wrap_past_the_largest_so_each_can_be_given_back(tmp_path, capsys):
+    code, _, err = run(tmp_path, capsys, "-i", "prompt=x", "-i", "seed=100000", "-i", "num_outputs=2", *FAST)
+    assert code == 0, err
+    outputs = json.loads((tmp_path / "result.json").read_text())["outputs"]
+    assert sorted(o["seed"] for o in outputs) == [0, 100000]
+
+
 def test_same_seed_twice_gives_identical_files(tmp_path, capsys):
     digests = []
     for attempt in ("a", "b"):

@@ -9,6 +9,7 @@ the server where it can be provoked from outside.
 from __future__ import annotations
 
 import errno
+import json
 import random
 import struct
 import time
@@ -423,3 +424,17 @@ def test_an_unwritable_output_dir_fails_the_request_and_the_server_stays_up(faul
     assert body["status"] == "succeeded", body.get("error")
     (run_dir,) = (blocked / "blocker" / "outputs").iterdir()
     assert {p.name for p in run_dir.iterdir()} == OUTPUT_NAMES
+
+
+def test_result_json_stays_strict_json_when_a_run_diverges(tmp_path):
+    """A large lr can drive the loss to NaN; result.json must still parse as standard JSON."""
+
+    def refuse(constant):
+        raise ValueError(f"not standard JSON: {constant}")
+
+    nan, inf = float("nan"), float("inf")
+    data = {"final": {"loss": nan, "similarity_to_target": inf}, "outputs": [{"loss": -inf, "seed": 3}], "lr": 10.0}
+    path = predict.Predictor._write_json(tmp_path / "result.json", data)
+    result = json.loads(Path(path).read_text(), parse_constant=refuse)
+    assert result["final"] == {"loss": None, "similarity_to_target": None}
+    assert result["outputs"] == [{"loss": None, "seed": 3}] and result["lr"] == 10.0

@@ -186,6 +186,19 @@ def test_size_limit_reads_the_header_only(tmp_path):
         load_image(png_claiming(tmp_path / "claims.png", 6000, 8000))
 
 
+@pytest.mark.parametrize(("width", "height"), [(1_000_000, 1), (1, 1_000_000), (101, 1)])
+def test_a_strip_more_elongated_than_100_to_1_is_refused_from_its_header(tmp_path, width, height):
+    # CLIP's resize of the short side to 224 px would make a 1,000,000 x 1 strip 224 x 224,000,000
+    with pytest.raises(ImageInputError, match=rf"^image: {width}x{height} is more elongated than 100:1; "):
+        load_image(png_claiming(tmp_path / "strip.png", width, height))
+
+
+def test_a_100_to_1_picture_is_accepted(tmp_path, clip):
+    Image.new("RGB", (2000, 20), (200, 10, 10)).save(tmp_path / "wide.png")
+    tensor = clip_image_tensor(load_image(tmp_path / "wide.png"), clip)
+    assert tensor.shape == (1, 3, clip.image_size, clip.image_size)
+
+
 @pytest.mark.parametrize(("width", "height"), [(10_000, 10_000), (100_000, 100_000)])
 def test_decompression_bombs_are_refused_without_a_warning(tmp_path, width, height):
     # 100 MP: Pillow only warns (DecompressionBombWarning); 10 GP: Pillow raises. Both are ours.
