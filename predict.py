@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import platform
+import re
 import secrets
 import shutil
 import sys
@@ -144,16 +145,26 @@ def _writing(path: LocalPath):
         ) from None
 
 
+# Cog downloads a URL or data: URI input with tempfile.NamedTemporaryFile(suffix=<its file name>):
+# "tmp", 8 random characters, then the name.
+_COG_DOWNLOAD_NAME = re.compile(r"tmp[a-z0-9_]{8}.+")
+
+
 def uploaded_file(path: LocalPath, name: str) -> LocalPath:
     """A file input as Cog hands it over, refused unless it is one that Cog downloaded.
 
     Cog saves a URL or ``data:`` URI input directly in the temporary directory, but hands a bare
     string over unchanged, so ``"/etc/passwd"`` would arrive as a path on the server. Only files
-    directly in the temporary directory are read (not the outputs below it, nor anything a
-    symbolic link leads out to).
+    directly in the temporary directory and named as Cog names its downloads are read (not the
+    outputs below it, nor anything a symbolic link leads out to, nor another program's file
+    there whose name is known).
     """
     resolved = LocalPath(path).resolve()
-    if resolved.parent != LocalPath(tempfile.gettempdir()).resolve() or not resolved.is_file():
+    if (
+        resolved.parent != LocalPath(tempfile.gettempdir()).resolve()
+        or not _COG_DOWNLOAD_NAME.fullmatch(resolved.name)
+        or not resolved.is_file()
+    ):
         raise ValueError(f"{name}: give a URL or a data: URI; a path on the server is not accepted")
     return resolved
 

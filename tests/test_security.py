@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,16 @@ def test_a_prediction_id_with_a_nul_byte_does_not_leave_the_server_busy(servers)
     server.post({"id": "nul\u0000id", "input": {"prompt": "a lighthouse", **EMBED}}, retry_busy=False)
     assert server.settled_status(timeout=3) == "READY"
     assert server.post({"input": {"prompt": "a lighthouse", **EMBED}}, retry_busy=False).status_code == 200
+
+
+def test_only_files_named_as_cog_names_its_downloads_are_read_from_the_temporary_directory(tmp_path):
+    with tempfile.NamedTemporaryFile(suffix="file.png") as download:  # how Cog saves a URL or data: input
+        assert predict.uploaded_file(Path(download.name), "image") == Path(download.name).resolve()
+    refused = "image: give a URL or a data: URI; a path on the server is not accepted"
+    with (
+        tempfile.NamedTemporaryFile(prefix="another_programs_", suffix=".png") as other,
+        pytest.raises(ValueError, match=refused),
+    ):
+        predict.uploaded_file(Path(other.name), "image")
+    with pytest.raises(ValueError, match="a path on the server is not accepted"):
+        predict.uploaded_file(tmp_path / "tmpabcdefghfile.png", "image")  # a Cog-like name, elsewhere
