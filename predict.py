@@ -673,8 +673,15 @@ def _finite(value):
     return value
 
 
+# How an allocation failure reads when it does not come as torch.OutOfMemoryError: the CPU
+# allocator's, and cuBLAS's or cuDNN's own workspace allocations on a full GPU.
+_OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
-    """CUDA's out-of-memory error, or the CPU allocator's failure (a plain ``RuntimeError``)."""
+    """CUDA's out-of-memory error, or an allocation failure reported as a plain ``RuntimeError``
+    (or ``torch.AcceleratorError``): the CPU allocator's, cuBLAS's or cuDNN's."""
     return isinstance(error, torch.OutOfMemoryError) or (
-        type(error) is RuntimeError and "can't allocate memory" in str(error)
+        type(error) in (RuntimeError, torch.AcceleratorError)
+        and any(message in str(error) for message in _OUT_OF_MEMORY_MESSAGES)
     )

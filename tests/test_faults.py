@@ -357,8 +357,10 @@ def test_out_of_memory_mid_run_is_reported_freed_and_the_next_run_succeeds(predi
     [
         torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
         RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: 1 bytes"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+        RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
     ],
-    ids=["cuda", "cpu-allocator"],
+    ids=["cuda", "cpu-allocator", "cublas", "cudnn"],
 )
 def test_out_of_memory_in_the_prior_is_reported_and_the_next_run_succeeds(predictor, output_root, monkeypatch, error):
     def sample(*args, **kwargs):
