@@ -54,6 +54,9 @@ log = logging.getLogger("didp")
 
 OUTPUT_ROOT = LocalPath(os.environ.get("DIDP_OUTPUT_DIR", LocalPath(tempfile.gettempdir()) / "didp-outputs"))
 MAX_SEED = 100_000
+# Pixels of a progress animation's frames held at once while it is encoded (about 300 MB as RGB):
+# 1,500 frames of one 256 px picture, 47 of eight 512 px pictures side by side.
+MAX_ANIMATION_PIXELS = 100_000_000
 
 # Peak memory of one visualisation step in float32, from the CPU's peak resident memory and the
 # bytes autograd keeps for the backward pass, rounded up (tests/test_faults.py checks the estimate
@@ -636,7 +639,14 @@ class Predictor(BaseRunner):
 
     @staticmethod
     def _write_animation(stem: LocalPath, frames: list[list[LocalPath]], request: Request) -> Path:
-        """An animation of PNGs already written: one frame per entry, its pictures side by side."""
+        """An animation of PNGs already written: one frame per entry, its pictures side by side.
+
+        The encoders hold every frame at once, so a long run's frames are thinned out to at most
+        ``MAX_ANIMATION_PIXELS`` in all, evenly spaced, the first and the last always kept.
+        """
+        with Image.open(frames[0][0]) as first:  # the header only
+            frame_pixels = first.width * first.height * len(frames[0])
+        frames = evenly_spaced(frames, max(2, MAX_ANIMATION_PIXELS // frame_pixels))
 
         def tiled(paths: list[LocalPath]) -> Image.Image:
             pictures = [Image.open(path).convert("RGB") for path in paths]
@@ -676,6 +686,13 @@ def _finite(value):
 # How an allocation failure reads when it does not come as torch.OutOfMemoryError: the CPU
 # allocator's, and cuBLAS's or cuDNN's own workspace allocations on a full GPU.
 _OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def evenly_spaced(items: list, n: int) -> list:
+    """At most ``n`` (>= 2) of ``items``, evenly spaced, the first and the last among them."""
+    if len(items) <= n:
+        return items
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

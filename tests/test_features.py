@@ -175,6 +175,27 @@ def test_best_of_n_writes_the_pictures_best_first_with_their_scores(server):
     assert progress.n_frames == 2 and progress.size == (3 * 256, 256)  # steps 1 and 2, members side by side
 
 
+def test_a_long_runs_progress_animation_is_thinned_to_its_pixel_budget(tmp_path, monkeypatch):
+    import predict
+    from didp.request import Request
+
+    paths = []
+    for k in range(30):  # 30 frames of 16 x 16, each its own grey
+        paths.append(tmp_path / f"step_{k:04d}.png")
+        Image.new("RGB", (16, 16), (8 * k, 8 * k, 8 * k)).save(paths[-1])
+    monkeypatch.setattr(predict, "MAX_ANIMATION_PIXELS", 10 * 16 * 16)
+    path = predict.Predictor._write_animation(tmp_path / "progress", [[p] for p in paths], Request(save_animation=True))
+    animation = Image.open(path)
+    greys = []
+    for index in range(animation.n_frames):
+        animation.seek(index)
+        greys.append(animation.convert("RGB").getpixel((8, 8))[0])
+    expected = [8 * round(i * 29 / 9) for i in range(10)]  # 10 evenly spaced, the first and the last kept
+    assert len(greys) == 10 and all(abs(g - e) <= 3 for g, e in zip(greys, expected, strict=True)), greys
+    assert predict.evenly_spaced(list(range(5)), 8) == [0, 1, 2, 3, 4]
+    assert predict.evenly_spaced(list(range(101)), 3) == [0, 50, 100]
+
+
 # -- the new inputs' bad values: 422 from the server, the same from didp -----------------------------------
 
 BAD_VALUES = [
