@@ -3,7 +3,8 @@
     didp -i prompt="a lighthouse at night" -i iterations=100 --weights tiny -o outputs/
 
 Inputs are checked by the same rules as the Cog server before any model is loaded; files are
-copied to ``-o`` as they are produced and their paths printed.
+copied to ``-o`` as they are produced and their paths printed, after an earlier run's files
+there (known by their names, ``OUTPUT_NAMES``) are removed so that runs do not mix.
 """
 
 from __future__ import annotations
@@ -18,6 +19,32 @@ import tempfile
 from pathlib import Path
 
 PREDICTOR = ("predict", "Predictor")
+# The names of the files a run writes; a run into a directory first removes an earlier run's.
+OUTPUT_NAMES = (
+    "text_tokens.npy",
+    "text_embedding.npy",
+    "image_embedding.npy",
+    "target_embeddings.npy",
+    "step_*.png",
+    "best_*.png",
+    "frame_*.png",
+    "progress.webp",
+    "progress.gif",
+    "interpolation.webp",
+    "interpolation.gif",
+    "edit.webp",
+    "edit.gif",
+    "result.json",
+)
+
+
+def remove_earlier_outputs(directory: Path) -> list[Path]:
+    """Remove the files an earlier run wrote into ``directory`` (by name; nothing else), so that
+    runs do not mix; returns them."""
+    earlier = sorted({path for name in OUTPUT_NAMES for path in directory.glob(name) if path.is_file()})
+    for path in earlier:
+        path.unlink()
+    return earlier
 
 
 def _predictor_inputs() -> dict:
@@ -161,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE", help="an input")
     parser.add_argument("--weights", help="tiny, laion or a directory of weights (default: $DIDP_WEIGHTS or laion)")
     parser.add_argument(
-        "-o", "--output", type=Path, default=Path("outputs"), help="output directory (default outputs/)"
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("outputs"),
+        help="output directory (default outputs/); an earlier run's files there are replaced",
     )
     args = parser.parse_args(argv)
 
@@ -191,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         args.output.mkdir(parents=True, exist_ok=True)
+        if earlier := remove_earlier_outputs(args.output):
+            print(f"replaced the {len(earlier)} files of an earlier run in {args.output}", file=sys.stderr)
         with local_files(values, fields) as run_values:
             for produced in predictor.run(**run_values):
                 target = args.output / Path(produced).name

@@ -73,6 +73,18 @@ def test_a_run_leaves_its_files_only_in_the_output_directory(tmp_path, capsys, m
     assert list((tmp_path / "server-side").iterdir()) == []  # the predictor's run directory is gone
 
 
+def test_a_second_run_into_the_same_directory_replaces_the_first_runs_files_only(tmp_path, capsys):
+    sequence = ["-i", "interpolate_to=a bird", "-i", "interpolation_steps=2"]
+    code, _, _ = run(tmp_path, capsys, "-i", "prompt=a dog", *sequence, *FAST)
+    assert code == 0 and (tmp_path / "interpolation.webp").is_file() and (tmp_path / "frame_02.png").is_file()
+    (tmp_path / "notes.txt").write_text("mine")
+    code, out, err = run(tmp_path, capsys, "-i", "prompt=a bird", "-i", "seed=5", *FAST)
+    assert code == 0 and "replaced the" in err
+    written = {line.rsplit("/", 1)[-1] for line in out.split()}
+    assert {p.name for p in tmp_path.iterdir()} == written | {"notes.txt"}
+    assert json.loads((tmp_path / "result.json").read_text())["inputs"]["prompt"] == "a bird"
+
+
 def test_whole_numbers_written_as_floats_are_integers_as_on_the_server(tmp_path, capsys):
     code, _, err = run(
         tmp_path, capsys, "-i", "prompt=x", "-i", "mode=embed", "-i", "prior_steps=8.0", "-i", "seed=1e3"
