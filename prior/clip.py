@@ -6,24 +6,16 @@ the ``ln_final`` states of all 77 token positions, with zero padding as the key 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-from .hardware import compute_dtype
 
 CONTEXT_LENGTH = 77
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# Up to this many tokens, bf16 attention on the CPU runs faster as plain matmuls and softmax than
-# as PyTorch's flash kernel. Forward+backward, 8 images, 12 heads of 64: 50 tokens (ViT-B/32)
-# 2.4 vs 6.8 ms, 128 tokens 11.9 vs 17.8 ms, 197 (ViT-B/16) even; 257 (ViT-L/14) flash 63 vs 85 ms.
-CPU_BF16_MATH_ATTENTION_TOKENS = 128
 
 
 @dataclass
@@ -97,6 +89,62 @@ class PatchEmbedding(nn.Module):
         return embeds.unflatten(1, (gh, gw)).permute(0, 3, 1, 2)
 
 
+def cpu_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` for bf16 ``[b, heads, tokens, d]`` on the CPU, as matmuls.
+
+    Forward+backward, 8 images with heads of 64: ViT-L/14's 257 tokens (16 heads) 28 ms a layer
+    against 53 for PyTorch's CPU flash kernel and 56 for its math backend; ViT-B/32's 50 tokens
+    (12 heads) 1.5 ms against 5.9 and 2.2. A bf16 matmul rounds its output, and a logit rounded
+    to 8 bits of mantissa loses more the larger it is, so a first, gradient-free pass finds each
+    row's largest logit and the second subtracts it inside the matmul (``baddbmm`` accumulates in
+    fp32 before it rounds): the logits that dominate the softmax come out near 0, where bf16 is
+    fine. The softmax is in fp32 and shift-invariant, so the gradient is unchanged. Against fp64
+    from the same bf16 inputs, outputs and gradients are off by 0.0023-0.0034 relative, the
+    flash kernel's by 0.0017-0.0039 and the math backend's (which computes in fp32) by 0.0017
+    (logits of std 4 and 30; ``tests/test_clip.py``).
+    """
+    batch, heads, tokens, dim = q.shape
+    q = (q * dim**-0.5).flatten(0, 1)
+    kt = k.flatten(0, 1).transpose(-1, -2)
+    with torch.no_grad():
+        row_max = torch.bmm(q, kt).amax(-1, keepdim=True)
+    logits = torch.baddbmm(-row_max.expand(-1, -1, kt.shape[-1]), q, kt)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.bmm(probs, v.flatten(0, 1)).view(batch, heads, tokens, dim)
+
+
+class SelfAttention(nn.Module):
+    """An ``nn.MultiheadAttention`` (sequence-first, no extras) as plain self-attention, with its
+    own parameters, so state dict keys are unchanged.
+
+    ``F.scaled_dot_product_attention`` as the module itself uses, except for bf16 on the CPU,
+    where ``cpu_bf16_attention`` is twice as fast. Called as the module is: ``(x, x, x,
+    need_weights=False, attn_mask=None)`` -> ``(out, None)``.
+    """
+
+    def __init__(self, attention: nn.MultiheadAttention):
+        super().__init__()
+        extras = attention.bias_k is not None or attention.add_zero_attn or attention.dropout
+        if attention.batch_first or not attention._qkv_same_embed_dim or extras:
+            raise ValueError(f"only sequence-first self-attention without extras is supported: {attention}")
+        self.num_heads = attention.num_heads
+        self.in_proj_weight = attention.in_proj_weight
+        self.in_proj_bias = attention.in_proj_bias
+        self.out_proj = attention.out_proj
+
+    def forward(self, query, key, value, need_weights: bool = False, attn_mask: torch.Tensor | None = None):
+        if key is not query or value is not query or need_weights:
+            raise ValueError("SelfAttention takes query = key = value and gives no weights")
+        tokens, batch, width = query.shape
+        qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(tokens, batch, 3, self.num_heads, width // self.num_heads).permute(2, 1, 3, 0, 4)
+        if attn_mask is None and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            out = cpu_bf16_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out_proj(out.permute(2, 0, 1, 3).reshape(tokens, batch, width)), None
+
+
 class ClipEncoder(nn.Module):
     """An open_clip ``CLIP`` with the two views the project needs.
 
@@ -107,13 +155,15 @@ class ClipEncoder(nn.Module):
     def __init__(self, model: open_clip.model.CLIP):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
-        # Sequence-first attention in the image tower: batch-first makes nn.MultiheadAttention's
+        # Sequence-first attention in the image tower: batch-first made nn.MultiheadAttention's
         # backward copy its input projection once per token (ViT-L/14, 8 cutouts, CPU: fp32
         # 16.3 s -> 10.4 s, bf16 68 s -> 4.6 s per forward+backward); outputs agree to 2e-6.
+        # Its attention modules become SelfAttention (the same parameters; faster bf16 on a CPU).
         model.visual.transformer.batch_first = False
-        for module in model.visual.transformer.modules():
-            if isinstance(module, nn.MultiheadAttention):
-                module.batch_first = False
+        for block in model.visual.transformer.resblocks:
+            if isinstance(block.attn, nn.MultiheadAttention):
+                block.attn.batch_first = False
+                block.attn = SelfAttention(block.attn)
         model.visual.conv1 = PatchEmbedding(model.visual.conv1)
         self.tokenize = Tokenizer(model.context_length)
         self.image_size = int(model.visual.image_size[0])
@@ -139,21 +189,7 @@ class ClipEncoder(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images ``[b, 3, S, S]`` -> raw image embeddings ``[b, d]`` (differentiable)."""
-        with self._attention_backend(images):
-            return self.model.encode_image(images)
-
-    def _attention_backend(self, images: torch.Tensor):
-        """Plain-matmul attention for short sequences in bf16 on the CPU (``CPU_BF16_MATH_ATTENTION_TOKENS``).
-
-        Only the forward pass needs it: the backward follows the ops the forward recorded.
-        """
-        if (
-            images.device.type != "cpu"
-            or compute_dtype(images) != torch.bfloat16
-            or self.image_tokens > CPU_BF16_MATH_ATTENTION_TOKENS
-        ):
-            return nullcontext()
-        return sdpa_kernel(SDPBackend.MATH)
+        return self.model.encode_image(images)
 
     @torch.no_grad()
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
