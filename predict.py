@@ -67,6 +67,8 @@ VIT_FLOATS_PER_TOKEN = 16  # per token, unit of width and layer of CLIP's vision
 AUTOCAST_FACTOR = 0.65  # fp16/bf16 autocast keeps most activations in half precision
 BACKWARD_HEADROOM = 1.25  # gradients of the activations alive while the backward pass runs
 DEFAULT_BUDGET_FRACTION = 0.8
+# A container's memory limit: cgroup v2, then v1 (older Docker hosts).
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
 class OutputError(RuntimeError):
@@ -100,10 +102,11 @@ def total_memory_bytes(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory, "GPU memory"
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    with contextlib.suppress(OSError, ValueError):  # a container's limit, where there is one
-        limit = LocalPath("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            total = min(total, int(limit))
+    for path in CGROUP_MEMORY_LIMITS:  # a container's limit, where there is one
+        with contextlib.suppress(OSError, ValueError):
+            limit = LocalPath(path).read_text().strip()
+            if limit != "max":  # cgroup v1 writes a huge number for "no limit" instead
+                total = min(total, int(limit))
     return total, "RAM"
 
 

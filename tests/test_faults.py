@@ -269,6 +269,20 @@ def test_the_default_budget_is_80_percent_of_the_device_memory(predictor, monkey
             predict.memory_budget_bytes(torch.device("cpu"))
 
 
+def test_a_containers_memory_limit_caps_the_machines_memory_in_cgroup_v2_or_v1(tmp_path, monkeypatch):
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    monkeypatch.setattr(predict, "CGROUP_MEMORY_LIMITS", (str(v2), str(v1)))
+    unlimited = predict.total_memory_bytes(torch.device("cpu"))  # neither file: the machine's RAM
+    cases = [("max", str(2**62), unlimited[0]), ("max", str(2**30), 2**30), (None, str(2**31), 2**31)]
+    cases.append((str(2**29), None, 2**29))
+    for v2_text, v1_text, expected in cases:
+        for path, text in ((v2, v2_text), (v1, v1_text)):
+            path.unlink(missing_ok=True)
+            if text is not None:
+                path.write_text(text + "\n")
+        assert predict.total_memory_bytes(torch.device("cpu")) == (expected, "RAM"), (v2_text, v1_text)
+
+
 def test_the_refusal_names_the_inputs_the_budget_and_what_fits(predictor, output_root, monkeypatch):
     needed = predictor.estimate_peak_bytes(256, 32, 4)
     monkeypatch.setattr(predictor, "memory_budget", predictor.estimate_peak_bytes(256, 12, 4))
