@@ -46,7 +46,7 @@ from dip.loop import default_precision, visualise
 from dip.network import CHANNELS
 from dip.settings import DipSettings, resolve_seed
 from prior.clip import TextEncoding
-from prior.manipulate import interpolation_targets, text_diff_targets
+from prior.manipulate import interpolation_targets, text_diff_direction, text_diff_targets
 from prior.sampling import sample_image_embeds
 from prior.weights import load_models
 
@@ -468,6 +468,9 @@ class Predictor(BaseRunner):
         clip = self.models.clip
         started = time.perf_counter()
         ids, text = self._encode(prompt, "prompt", result)
+        if request.edit_prompt:  # an edit that cannot work fails before the prior runs
+            _, edit_text = self._encode(request.edit_prompt, "edit_prompt", result)
+            text_diff_direction(text.embed[0], edit_text.embed[0])
         negative = None
         if request.negative_prompt:
             _, negative = self._encode(request.negative_prompt, "negative_prompt", result)
@@ -485,7 +488,6 @@ class Predictor(BaseRunner):
             other, result["prior_interpolate_to"] = self._sample_prior(other_text, *prior_args, "interpolate_to")
             targets = interpolation_targets(base[0], other[0], request.target_count)
         elif request.edit_prompt:
-            _, edit_text = self._encode(request.edit_prompt, "edit_prompt", result)
             targets = text_diff_targets(
                 base[0], text.embed[0], edit_text.embed[0], request.edit_strength, request.target_count
             )

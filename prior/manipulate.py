@@ -102,6 +102,23 @@ def interpolation_targets(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch
     return slerp(a, b, t)
 
 
+def text_diff_direction(text_embed: torch.Tensor, edit_text_embed: torch.Tensor) -> torch.Tensor:
+    """``normalize(unit(edit_text_embed) - unit(text_embed))`` in float64.
+
+    Texts whose unit embeddings are less than ``TEXT_DIFF_EPS`` apart raise ``ValueError``:
+    their difference has no direction.
+    """
+    diff = _unit64(edit_text_embed, "text_diff_targets: edit_text_embed") - _unit64(
+        text_embed, "text_diff_targets: text_embed"
+    )
+    if (diff.norm(dim=-1) < TEXT_DIFF_EPS).any():
+        raise ValueError(
+            "text_diff_targets: the two texts have the same embedding, so their difference has no "
+            "direction; give an edit text that differs from the original text"
+        )
+    return F.normalize(diff, dim=-1)
+
+
 def text_diff_targets(
     image_embed: torch.Tensor,
     text_embed: torch.Tensor,
@@ -124,15 +141,7 @@ def text_diff_targets(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"text_diff_targets: steps must be a positive integer, got {steps!r}")
     image = _unit64(image_embed, "text_diff_targets: image_embed")
-    diff = _unit64(edit_text_embed, "text_diff_targets: edit_text_embed") - _unit64(
-        text_embed, "text_diff_targets: text_embed"
-    )
-    if (diff.norm(dim=-1) < TEXT_DIFF_EPS).any():
-        raise ValueError(
-            "text_diff_targets: the two texts have the same embedding, so their difference has no "
-            "direction; give an edit text that differs from the original text"
-        )
-    direction = F.normalize(diff, dim=-1)
+    direction = text_diff_direction(text_embed, edit_text_embed)
     if steps == 1:
         theta: float | torch.Tensor = float(strength)
     else:

@@ -308,3 +308,18 @@ def test_a_sequence_and_best_of_n_hand_their_targets_over(predictor, monkeypatch
     np.testing.assert_array_equal(seen[0].numpy(), saved)
     seen, saved = visualised_targets(predictor, monkeypatch, tmp_path, num_outputs=3)
     np.testing.assert_array_equal(seen[0].numpy(), np.repeat(saved, 3, axis=0))
+
+
+def test_an_edit_that_changes_nothing_fails_before_the_prior_runs(predictor, monkeypatch, tmp_path):
+    import predict
+    from didp.validation import validate_inputs
+
+    monkeypatch.setattr(predict, "OUTPUT_ROOT", tmp_path)
+    sampled = []
+    real = predict.sample_image_embeds
+    monkeypatch.setattr(predict, "sample_image_embeds", lambda *a, **k: sampled.append(1) or real(*a, **k))
+    # CLIP's tokenizer lowercases: the same tokens, the same embedding, no direction to edit in
+    values = validate_inputs({"prompt": "a lighthouse", "edit_prompt": "A Lighthouse", **SMALL})
+    with pytest.raises(ValueError, match="the two texts have the same embedding"):
+        list(predictor.run(**values))
+    assert sampled == [] and list(tmp_path.iterdir()) == []
