@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import open_clip
+import regex
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,12 +39,35 @@ class TextEncoding:
         return TextEncoding(*(t.repeat_interleave(n, dim=0) for t in (self.embed, self.encodings, self.mask)))
 
 
+# OpenAI CLIP's own split of a cleaned caption (clip/simple_tokenizer.py), which the prior's
+# training captions went through: its special tokens typed into a caption become those tokens
+# (an "<|endoftext|>" ends the caption's embedding there). open_clip's split knows other ones.
+_OPENAI_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+_OPENAI_SPLIT = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+
+
 class Tokenizer:
-    """OpenAI's CLIP BPE tokenizer (shipped with open_clip), truncating at 77 tokens."""
+    """OpenAI's CLIP BPE tokenizer, truncating at 77 tokens: the vocabulary, merges and text
+    cleaning shipped with open_clip, the split into words of OpenAI's ``clip.tokenize``."""
 
     def __init__(self, context_length: int = CONTEXT_LENGTH):
         self.context_length = context_length
         self._bpe = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+        self._specials = dict(zip(_OPENAI_SPECIALS, (self._bpe.sot_token_id, self._bpe.eot_token_id), strict=True))
+
+    def encode(self, text: str) -> list[int]:
+        """The token ids of ``text``, without the start and end tokens."""
+        bpe, ids = self._bpe, []
+        for word in _OPENAI_SPLIT.findall(bpe.clean_fn(text)):
+            if word in self._specials:
+                ids.append(self._specials[word])
+                continue
+            word = "".join(bpe.byte_encoder[byte] for byte in word.encode("utf-8"))
+            ids.extend(bpe.encoder[piece] for piece in bpe.bpe(word).split(" "))
+        return ids
 
     def __call__(self, texts: str | list[str]) -> Tokens:
         if isinstance(texts, str):
@@ -52,7 +76,7 @@ class Tokenizer:
         ids = torch.zeros(len(texts), self.context_length, dtype=torch.long)
         truncated = []
         for row, text in enumerate(texts):
-            tokens = [bpe.sot_token_id, *bpe.encode(text), bpe.eot_token_id]
+            tokens = [bpe.sot_token_id, *self.encode(text), bpe.eot_token_id]
             truncated.append(len(tokens) > self.context_length)
             if truncated[-1]:
                 tokens = tokens[: self.context_length - 1] + [bpe.eot_token_id]

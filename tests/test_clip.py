@@ -45,6 +45,21 @@ def test_tokens_match_openai_tokenizer_with_truncation():
     assert ours.truncated == [False, False, False, True]
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a cat <|endoftext|> on a mat",  # the reference ends the caption's embedding at the first end token
+        "<|startoftext|>a cat",
+        "A CAT <|EndOfText|>",  # cleaned to lower case first, as the reference does
+        "&lt;|endoftext|&gt; escaped",  # and HTML-unescaped
+        "<start_of_text> <end_of_text>",  # open_clip's own special tokens are plain text to OpenAI's
+        "a<|endoftext|>b's 12 ☃",
+    ],
+)
+def test_special_tokens_typed_into_a_caption_are_tokenised_as_the_reference_does(text):
+    assert torch.equal(Tokenizer()(text).ids, openai_clip.tokenize([text], truncate=True))
+
+
 def test_a_prompt_of_exactly_77_tokens_is_not_truncated():
     tokens = Tokenizer()("a " * 75)
     assert tokens.truncated == [False] and tokens.ids[0, 76] == 49407
