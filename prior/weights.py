@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -69,7 +70,8 @@ PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "AL
 
 
 def hub_reachable(timeout: float = 1.0) -> bool:
-    """Whether the Hugging Face endpoint answers a TCP connection within ``timeout`` seconds.
+    """Whether the Hugging Face endpoint answers a TCP connection within ``timeout`` seconds,
+    name lookup included (a resolver that never answers would otherwise stall set-up).
 
     Behind a proxy (``HTTPS_PROXY`` and the like, which huggingface_hub follows) the endpoint is
     not reached directly, so it counts as reachable and the download itself decides.
@@ -82,11 +84,21 @@ def hub_reachable(timeout: float = 1.0) -> bool:
 
     url = urlparse(constants.ENDPOINT)
     port = url.port or (80 if url.scheme == "http" else 443)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    answered: list[bool] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((url.hostname, port), timeout=timeout):
+                answered.append(True)
+        except OSError:
+            answered.append(False)
+
+    # create_connection's timeout does not cover the name lookup: wait for both together, and
+    # leave a lookup that hangs to its daemon thread
+    probe = threading.Thread(target=connect, name="hub-probe", daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(answered) and answered[0]
 
 
 def fetch(file: HubFile, cache_dir: Path) -> Path:

@@ -6,6 +6,7 @@ import os
 import pickle
 import random
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -301,6 +302,24 @@ def test_behind_a_proxy_the_hub_is_not_probed_directly(monkeypatch):
     assert not hub_reachable()
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     assert hub_reachable()  # huggingface_hub goes through the proxy: the download decides
+
+
+def test_a_name_lookup_that_hangs_counts_as_unreachable_within_the_timeout(monkeypatch):
+    from prior.weights import hub_reachable
+
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    release = threading.Event()
+
+    def hanging_lookup(address, timeout):  # a resolver that does not answer; the timeout is the connect's
+        release.wait(30)
+        raise OSError("too late")
+
+    monkeypatch.setattr(socket, "create_connection", hanging_lookup)
+    started = time.monotonic()
+    assert not hub_reachable(timeout=0.5)
+    assert time.monotonic() - started < 1.5
+    release.set()
 
 
 def test_the_probe_uses_the_endpoint_schemes_port(monkeypatch):
