@@ -64,6 +64,10 @@ MAX_ANIMATION_PIXELS = 100_000_000
 DIP_FLOATS_PER_PIXEL = 12 * CHANNELS  # per pixel of each level of the network (levels: 1, 1/4, ...)
 CUTOUT_FLOATS_PER_PIXEL = 48 * 3  # per pixel of each cutout: cropping, resizing, augmentations
 VIT_FLOATS_PER_TOKEN = 16  # per token, unit of width and layer of CLIP's vision transformer
+# bf16 attention on the CPU (prior.clip.cpu_bf16_attention) keeps each layer's scores for the
+# backward pass, tokens x tokens per head: the fp32 softmax and its bf16 copy, and room for the
+# logits in flight (flash kernels, on CUDA and in fp32, keep none)
+ATTENTION_BYTES_PER_SCORE = 4 + 2 + 2
 AUTOCAST_FACTOR = 0.65  # fp16/bf16 autocast keeps most activations in half precision
 BACKWARD_HEADROOM = 1.25  # gradients of the activations alive while the backward pass runs
 DEFAULT_BUDGET_FRACTION = 0.8
@@ -86,14 +90,17 @@ def estimate_peak_bytes(
     precision: str = "fp32",
     resident_bytes: int = 0,
     members: int = 1,
+    kept_score_heads: int = 0,
 ) -> int:
     """A cheap upper estimate of a visualisation's peak memory: weights plus one step's activations
-    (of ``members`` images optimised together)."""
+    (of ``members`` images optimised together). ``kept_score_heads``: the heads of an attention
+    that keeps its scores for the backward pass (``ATTENTION_BYTES_PER_SCORE``), 0 for none."""
     levels = sum(4.0**-level for level in range(num_scales + 1))
     floats = DIP_FLOATS_PER_PIXEL * size * size * levels
     floats += num_cutouts * CUTOUT_FLOATS_PER_PIXEL * clip_image_size**2
     floats += num_cutouts * VIT_FLOATS_PER_TOKEN * vit_tokens * vit_width * vit_layers
     activations = 4 * floats * BACKWARD_HEADROOM * (1.0 if precision == "fp32" else AUTOCAST_FACTOR)
+    activations += num_cutouts * vit_layers * kept_score_heads * vit_tokens**2 * ATTENTION_BYTES_PER_SCORE
     return int(resident_bytes + members * activations)
 
 
@@ -153,7 +160,7 @@ def _writing(path: LocalPath):
 
 # Cog downloads a URL or data: URI input with tempfile.NamedTemporaryFile(suffix=<its file name>):
 # "tmp", 8 random characters, then the name.
-_COG_DOWNLOAD_NAME = re.compile(r"tmp[a-z0-9_]{8}.+")
+_COG_DOWNLOAD_NAME = re.compile(r"tmp[a-z0-9_]{8}.*", re.DOTALL)  # a URL may have no file name
 
 
 def uploaded_file(path: LocalPath, name: str) -> LocalPath:
@@ -373,6 +380,8 @@ class Predictor(BaseRunner):
 
     def estimate_peak_bytes(self, size: int, num_cutouts: int, num_scales: int, members: int = 1) -> int:
         visual = self.models.clip.model.visual
+        precision = default_precision(self.device)
+        keeps_scores = self.device.type == "cpu" and precision == "bf16"  # prior.clip.cpu_bf16_attention
         return estimate_peak_bytes(
             size,
             num_cutouts,
@@ -381,9 +390,10 @@ class Predictor(BaseRunner):
             vit_tokens=self.models.clip.image_tokens,
             vit_width=int(visual.transformer.width),
             vit_layers=int(visual.transformer.layers),
-            precision=default_precision(self.device),
+            precision=precision,
             resident_bytes=self.resident_bytes,
             members=members,
+            kept_score_heads=int(visual.transformer.resblocks[0].attn.num_heads) if keeps_scores else 0,
         )
 
     def _check_memory(self, settings: DipSettings, members: int = 1) -> None:
@@ -690,7 +700,12 @@ def _finite(value):
 
 # How an allocation failure reads when it does not come as torch.OutOfMemoryError: the CPU
 # allocator's, and cuBLAS's or cuDNN's own workspace allocations on a full GPU.
-_OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+_OUT_OF_MEMORY_MESSAGES = (
+    "can't allocate memory",
+    "CUDA error: out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+)
 
 
 def evenly_spaced(items: list, n: int) -> list:

@@ -3,8 +3,9 @@
     didp -i prompt="a lighthouse at night" -i iterations=100 --weights tiny -o outputs/
 
 Inputs are checked by the same rules as the Cog server before any model is loaded; files are
-copied to ``-o`` as they are produced and their paths printed, after an earlier run's files
-there (known by their names, ``OUTPUT_NAMES``) are removed so that runs do not mix.
+copied to ``-o`` as they are produced and their paths printed; when the first one arrives, an
+earlier run's files there (known by their names, ``OUTPUT_NAMES``) are removed so that runs do
+not mix.
 """
 
 from __future__ import annotations
@@ -13,37 +14,28 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 PREDICTOR = ("predict", "Predictor")
-# The names of the files a run writes; a run into a directory first removes an earlier run's.
-OUTPUT_NAMES = (
-    "text_tokens.npy",
-    "text_embedding.npy",
-    "image_embedding.npy",
-    "target_embeddings.npy",
-    "step_*.png",
-    "best_*.png",
-    "frame_*.png",
-    "progress.webp",
-    "progress.gif",
-    "interpolation.webp",
-    "interpolation.gif",
-    "edit.webp",
-    "edit.gif",
-    "result.json",
+# The names of the files a run writes (README, Outputs); a run into a directory replaces an
+# earlier run's files.
+OUTPUT_NAMES = re.compile(
+    r"(text_tokens|text_embedding|image_embedding|target_embeddings)\.npy"
+    r"|step_\d{4}(_\d{2})?\.png|(best|frame)_\d{2}\.png"
+    r"|(progress|interpolation|edit)\.(webp|gif)|result\.json"
 )
 
 
 def remove_earlier_outputs(directory: Path) -> list[Path]:
-    """Remove the files an earlier run wrote into ``directory`` (by name; nothing else), so that
-    runs do not mix; returns them."""
-    earlier = sorted({path for name in OUTPUT_NAMES for path in directory.glob(name) if path.is_file()})
+    """Remove the files an earlier run wrote into ``directory`` (by their names; nothing else), so
+    that runs do not mix; returns them."""
+    earlier = sorted(p for p in directory.iterdir() if OUTPUT_NAMES.fullmatch(p.name) and p.is_file())
     for path in earlier:
-        path.unlink()
+        path.unlink(missing_ok=True)
     return earlier
 
 
@@ -222,10 +214,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         args.output.mkdir(parents=True, exist_ok=True)
-        if earlier := remove_earlier_outputs(args.output):
-            print(f"replaced the {len(earlier)} files of an earlier run in {args.output}", file=sys.stderr)
-        with local_files(values, fields) as run_values:
+        with local_files(values, fields) as run_values:  # file inputs are copied first: one may be an output
+            replacing = True
             for produced in predictor.run(**run_values):
+                if replacing:  # only once the run has produced something: a refused run keeps the old files
+                    replacing = False
+                    if earlier := remove_earlier_outputs(args.output):
+                        print(f"replaced the {len(earlier)} files of an earlier run in {args.output}", file=sys.stderr)
                 target = args.output / Path(produced).name
                 shutil.copyfile(produced, target)
                 print(target, flush=True)

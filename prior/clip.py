@@ -159,6 +159,8 @@ class SelfAttention(nn.Module):
     def forward(self, query, key, value, need_weights: bool = False, attn_mask: torch.Tensor | None = None):
         if key is not query or value is not query or need_weights:
             raise ValueError("SelfAttention takes query = key = value and gives no weights")
+        if attn_mask is not None and (attn_mask.dtype == torch.bool or attn_mask.dim() != 2):
+            raise ValueError("SelfAttention takes no mask or an additive float [tokens, tokens] mask")
         tokens, batch, width = query.shape
         qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(tokens, batch, 3, self.num_heads, width // self.num_heads).permute(2, 1, 3, 0, 4)

@@ -223,6 +223,7 @@ def convert(source: Path, target: Path, dtype: torch.dtype | None = None) -> Pat
     checkpoint.check_prefixes()
     wanted = run_dtypes(checkpoint, dtype) if dtype is not None else {}
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_partials(target)
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")  # one per process: no two writers share it
     try:
         state = {name: t.to(wanted.get(name, t.dtype)) for name, t in checkpoint.tensors()}
@@ -232,6 +233,19 @@ def convert(source: Path, target: Path, dtype: torch.dtype | None = None) -> Pat
         partial.unlink(missing_ok=True)
     _fsync_directory(target.parent)
     return target
+
+
+def _remove_abandoned_partials(target: Path) -> None:
+    """Remove ``target``'s partial files whose writing process is gone (killed mid-conversion)."""
+    for partial in target.parent.glob(f"{target.name}.*.partial"):
+        try:
+            os.kill(int(partial.name.removeprefix(f"{target.name}.").removesuffix(".partial")), 0)
+        except ValueError:
+            continue  # not one of ours
+        except ProcessLookupError:
+            partial.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # alive, another user's
 
 
 def _fsync_directory(path: Path) -> None:
@@ -261,7 +275,7 @@ def laion_models(dtype: torch.dtype, device: torch.device | str) -> Models:
             Checkpoint(converted)  # reads the header and checks it against the file's size
         except CheckpointError as error:
             log.warning("%s is damaged, converting the checkpoint again: %s", converted, error)
-            converted.unlink()
+            converted.unlink(missing_ok=True)
     if not converted.is_file():
         convert(fetch(LAION_PRIOR, cache), converted, dtype)
     clip_path = None

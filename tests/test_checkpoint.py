@@ -115,6 +115,17 @@ def test_a_dalle2_trainer_checkpoint_loads(tmp_path, prior_state, clip_state):
     assert_loaded(load_models(tmp_path / "trainer.pth", prior_dtype=torch.float32), prior_state)  # the EMA weights
 
 
+def test_a_conversion_removes_partial_files_that_a_killed_conversion_left(tmp_path, prior_state, clip_state):
+    torch.save(full_state(prior_state, clip_state), tmp_path / "prior.pth")
+    target = tmp_path / "out" / "prior.safetensors"
+    target.parent.mkdir()
+    dead, alive = 2**22 + 12345, os.getppid()  # a pid above Linux's maximum, and a running process
+    for pid in (dead, alive):
+        target.with_name(f"prior.safetensors.{pid}.partial").write_bytes(b"half a model")
+    convert(tmp_path / "prior.pth", target)
+    assert {p.name for p in target.parent.iterdir()} == {"prior.safetensors", f"prior.safetensors.{alive}.partial"}
+
+
 def test_convert_command_writes_safetensors(tmp_path, prior_state, clip_state):
     from prior.convert import main
 

@@ -73,15 +73,24 @@ def test_a_run_leaves_its_files_only_in_the_output_directory(tmp_path, capsys, m
     assert list((tmp_path / "server-side").iterdir()) == []  # the predictor's run directory is gone
 
 
-def test_a_second_run_into_the_same_directory_replaces_the_first_runs_files_only(tmp_path, capsys):
+def test_a_second_run_into_the_same_directory_replaces_the_first_runs_files_only(tmp_path, capsys, monkeypatch):
     sequence = ["-i", "interpolate_to=a bird", "-i", "interpolation_steps=2"]
     code, _, _ = run(tmp_path, capsys, "-i", "prompt=a dog", *sequence, *FAST)
     assert code == 0 and (tmp_path / "interpolation.webp").is_file() and (tmp_path / "frame_02.png").is_file()
-    (tmp_path / "notes.txt").write_text("mine")
-    code, out, err = run(tmp_path, capsys, "-i", "prompt=a bird", "-i", "seed=5", *FAST)
-    assert code == 0 and "replaced the" in err
+    mine = {"notes.txt", "step_by_step.png", "best_of_show.png"}
+    for name in mine:
+        (tmp_path / name).write_text("mine")
+    before = {p.name for p in tmp_path.iterdir()}
+    monkeypatch.setenv("DIDP_MEMORY_BUDGET_MB", "1")
+    code, _, err = run(tmp_path, capsys, "-i", "prompt=a bird", *FAST)  # refused before any work
+    assert code == 2 and "memory" in err and {p.name for p in tmp_path.iterdir()} == before  # nothing lost
+    monkeypatch.delenv("DIDP_MEMORY_BUDGET_MB")
+    # an output of the earlier run as this run's input: copied before the earlier files go
+    args = ["-i", "prompt=a bird", "-i", f"image=@{tmp_path / 'frame_02.png'}", "-i", "seed=5", *FAST]
+    code, out, err = run(tmp_path, capsys, *args)
+    assert code == 0 and "replaced the" in err, err
     written = {line.rsplit("/", 1)[-1] for line in out.split()}
-    assert {p.name for p in tmp_path.iterdir()} == written | {"notes.txt"}
+    assert {p.name for p in tmp_path.iterdir()} == written | mine
     assert json.loads((tmp_path / "result.json").read_text())["inputs"]["prompt"] == "a bird"
 
 

@@ -328,6 +328,40 @@ def test_the_estimate_covers_what_autograd_keeps_for_one_step(predictor, members
     assert measured <= estimated <= 2.5 * measured, (measured >> 20, estimated >> 20)
 
 
+def test_the_estimate_covers_clip_vit_l14s_attention_in_bf16_on_the_cpu():
+    """CLIP's part of the estimate against the bytes autograd saves for 2 layers of a ViT-L/14-sized
+    image tower (width 1024, 16 heads, 257 tokens), 8 cutouts, bf16 autocast on the CPU, where the
+    attention keeps each layer's scores."""
+    import open_clip
+
+    from prior.clip import build_clip
+
+    config = dict(open_clip.get_model_config("ViT-L-14"), quick_gelu=True)
+    config["vision_cfg"] = {**config["vision_cfg"], "layers": 2}
+    torch.manual_seed(0)
+    clip = build_clip(config)
+    params = {p.untyped_storage().data_ptr() for p in clip.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    cutouts = torch.rand(8, 3, 224, 224, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        clip.encode_image(clip.normalize(cutouts))
+    measured = sum(saved.values())
+
+    def clip_part(heads):  # the estimate's transformer layers: less its network and cutouts
+        shape = dict(clip_image_size=224, vit_tokens=257, vit_width=1024, precision="bf16")
+        with_layers = predict.estimate_peak_bytes(8, 8, 1, **shape, vit_layers=2, kept_score_heads=heads)
+        return with_layers - predict.estimate_peak_bytes(8, 8, 1, **shape, vit_layers=0)
+
+    assert clip_part(0) < measured <= clip_part(16) <= 2.5 * measured, (clip_part(0) >> 20, measured >> 20)
+
+
 # -- memory: out of memory during a run ----------------------------------------------------------
 
 

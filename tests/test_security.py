@@ -234,8 +234,9 @@ def test_a_prediction_id_with_a_nul_byte_does_not_leave_the_server_busy(servers)
 
 
 def test_only_files_named_as_cog_names_its_downloads_are_read_from_the_temporary_directory(tmp_path):
-    with tempfile.NamedTemporaryFile(suffix="file.png") as download:  # how Cog saves a URL or data: input
-        assert predict.uploaded_file(Path(download.name), "image") == Path(download.name).resolve()
+    for suffix in ("file.png", ""):  # how Cog saves a URL or data: input; a URL may have no file name
+        with tempfile.NamedTemporaryFile(suffix=suffix) as download:
+            assert predict.uploaded_file(Path(download.name), "image") == Path(download.name).resolve()
     refused = "image: give a URL or a data: URI; a path on the server is not accepted"
     with (
         tempfile.NamedTemporaryFile(prefix="another_programs_", suffix=".png") as other,
