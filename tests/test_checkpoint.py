@@ -110,7 +110,13 @@ def test_a_dalle2_trainer_checkpoint_loads(tmp_path, prior_state, clip_state):
     state = full_state(prior_state, clip_state)
     online = {k: torch.zeros_like(v) for k, v in state.items()}  # the trained, not averaged, weights
     ema = {"initted": torch.tensor(True), "step": torch.tensor(7), **{f"ema_model.{k}": v for k, v in state.items()}}
-    saved = {"scaler": {}, "optimizer": {}, "model": online, "version": version.parse("0.11.5"), "step": 7}
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=1.1e-4, weight_decay=6e-2)  # the trainer's optimiser
+    weight.sum().backward()
+    optimizer.step()
+    scaler = torch.amp.GradScaler("cpu", enabled=False).state_dict()
+    saved = {"scaler": scaler, "optimizer": optimizer.state_dict(), "model": online, "step": 7}
+    saved["version"] = version.parse("0.11.5")
     torch.save({**saved, "ema": ema, "ema_model": state}, tmp_path / "trainer.pth")
     assert_loaded(load_models(tmp_path / "trainer.pth", prior_dtype=torch.float32), prior_state)  # the EMA weights
 
