@@ -297,6 +297,23 @@ def test_the_refusal_names_the_inputs_the_budget_and_what_fits(predictor, output
     assert run_predictor(predictor, **{**SMALL, "num_cutouts": 12, "iterations": 0})[-1].name == "result.json"
 
 
+def saved_bytes(forward, parameters) -> int:
+    """The bytes autograd saves for the backward pass while ``forward()`` runs, each storage
+    counted once, ``parameters`` (which live on regardless) left out."""
+    kept = {p.untyped_storage().data_ptr() for p in parameters}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in kept:
+            saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(saved.values())
+
+
 @pytest.mark.parametrize("members", [1, 3])
 def test_the_estimate_covers_what_autograd_keeps_for_one_step(predictor, members):
     """The estimate's activations (without the resident weights) against a measurement: the bytes
@@ -306,24 +323,14 @@ def test_the_estimate_covers_what_autograd_keeps_for_one_step(predictor, members
     from dip.settings import DipSettings
 
     clip = predictor.models.clip
-    params = {p.untyped_storage().data_ptr() for p in clip.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
-        return tensor
-
     device = predictor.device
     settings = DipSettings(size=256, num_scales=4, num_cutouts=8, seed=0)
     runs = [_Run(settings, seed, clip, device) for seed in range(members)]
-    params |= {p.untyped_storage().data_ptr() for run in runs for p in run.net.parameters()}
     targets = torch.nn.functional.normalize(torch.randn(members, clip.embed_dim, device=device), dim=-1)
     inputs = [run.net_input for run in runs]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        _render_and_score(runs, inputs, clip, targets, default_precision(device))
-    measured = sum(saved.values())
+    parameters = [*clip.parameters(), *(p for run in runs for p in run.net.parameters())]
+    precision = default_precision(device)
+    measured = saved_bytes(lambda: _render_and_score(runs, inputs, clip, targets, precision), parameters)
     estimated = predictor.estimate_peak_bytes(256, 8, 4, members) - predictor.resident_bytes
     assert measured <= estimated <= 2.5 * measured, (measured >> 20, estimated >> 20)
 
@@ -340,19 +347,13 @@ def test_the_estimate_covers_clip_vit_l14s_attention_in_bf16_on_the_cpu():
     config["vision_cfg"] = {**config["vision_cfg"], "layers": 2}
     torch.manual_seed(0)
     clip = build_clip(config)
-    params = {p.untyped_storage().data_ptr() for p in clip.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
-        return tensor
-
     cutouts = torch.rand(8, 3, 224, 224, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        clip.encode_image(clip.normalize(cutouts))
-    measured = sum(saved.values())
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            clip.encode_image(clip.normalize(cutouts))
+
+    measured = saved_bytes(forward, clip.parameters())
 
     def clip_part(heads):  # the estimate's transformer layers: less its network and cutouts
         shape = dict(clip_image_size=224, vit_tokens=257, vit_width=1024, precision="bf16")
