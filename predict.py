@@ -42,10 +42,10 @@ from didp.allocator import keep_freed_memory, release_freed_memory
 from didp.media import clip_image_tensor, load_image, write_animation
 from didp.request import Request, text_or_none
 from dip import visualise_batch
-from dip.loop import default_precision, visualise
+from dip.loop import PRECISION_DTYPES, default_precision, visualise
 from dip.network import CHANNELS
 from dip.settings import DipSettings, resolve_seed
-from prior.clip import TextEncoding
+from prior.clip import TextEncoding, takes_cpu_bf16_attention
 from prior.manipulate import interpolation_targets, text_diff_direction, text_diff_targets
 from prior.sampling import sample_image_embeds
 from prior.weights import load_models
@@ -64,9 +64,9 @@ MAX_ANIMATION_PIXELS = 100_000_000
 DIP_FLOATS_PER_PIXEL = 12 * CHANNELS  # per pixel of each level of the network (levels: 1, 1/4, ...)
 CUTOUT_FLOATS_PER_PIXEL = 48 * 3  # per pixel of each cutout: cropping, resizing, augmentations
 VIT_FLOATS_PER_TOKEN = 16  # per token, unit of width and layer of CLIP's vision transformer
-# bf16 attention on the CPU (prior.clip.cpu_bf16_attention) keeps each layer's scores for the
-# backward pass, tokens x tokens per head: the fp32 softmax and its bf16 copy, and room for the
-# logits in flight (flash kernels, on CUDA and in fp32, keep none)
+# bf16 attention on the CPU (prior.clip.takes_cpu_bf16_attention) keeps each layer's scores for
+# the backward pass, tokens x tokens per head: the fp32 softmax and its bf16 copy, and room for
+# the logits in flight (flash kernels, on CUDA and in fp32, keep none)
 ATTENTION_BYTES_PER_SCORE = 4 + 2 + 2
 AUTOCAST_FACTOR = 0.65  # fp16/bf16 autocast keeps most activations in half precision
 BACKWARD_HEADROOM = 1.25  # gradients of the activations alive while the backward pass runs
@@ -381,7 +381,7 @@ class Predictor(BaseRunner):
     def estimate_peak_bytes(self, size: int, num_cutouts: int, num_scales: int, members: int = 1) -> int:
         visual = self.models.clip.model.visual
         precision = default_precision(self.device)
-        keeps_scores = self.device.type == "cpu" and precision == "bf16"  # prior.clip.cpu_bf16_attention
+        keeps_scores = takes_cpu_bf16_attention(self.device, PRECISION_DTYPES[precision])
         return estimate_peak_bytes(
             size,
             num_cutouts,

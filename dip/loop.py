@@ -35,7 +35,8 @@ from .loss import spherical_distance
 from .network import INPUT_CHANNELS, build_network, param_groups
 from .settings import DipSettings, resolve_seed
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = tuple(PRECISION_DTYPES)
 MOMENTUM = 0.9
 _STREAMS = ("init", "input", "cutouts", "params")
 
@@ -90,7 +91,7 @@ def stream_seeds(seed: int) -> dict[str, int]:
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision])
 
 
 class BatchFrame(NamedTuple):

@@ -137,6 +137,13 @@ def cpu_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return torch.bmm(probs, v.flatten(0, 1)).view(batch, heads, tokens, dim)
 
 
+def takes_cpu_bf16_attention(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``SelfAttention`` (unmasked) runs ``cpu_bf16_attention`` for inputs on ``device`` in
+    ``dtype``. That attention keeps each layer's scores for the backward pass, tokens x tokens per
+    head; the flash kernels ``F.scaled_dot_product_attention`` runs otherwise keep none."""
+    return device.type == "cpu" and dtype == torch.bfloat16
+
+
 class SelfAttention(nn.Module):
     """An ``nn.MultiheadAttention`` (sequence-first, no extras) as plain self-attention, with its
     own parameters, so state dict keys are unchanged.
@@ -164,7 +171,7 @@ class SelfAttention(nn.Module):
         tokens, batch, width = query.shape
         qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(tokens, batch, 3, self.num_heads, width // self.num_heads).permute(2, 1, 3, 0, 4)
-        if attn_mask is None and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        if attn_mask is None and takes_cpu_bf16_attention(q.device, q.dtype):
             out = cpu_bf16_attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
