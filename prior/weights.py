@@ -185,10 +185,10 @@ def load_clip(checkpoint: Checkpoint, prefix: str = "", device: torch.device | s
 
 
 def load_checkpoint_models(
-    prior_path: Path, clip_path: Path | None, dtype: torch.dtype, device: torch.device | str, name: str
+    checkpoint: Checkpoint, clip_path: Path | None, dtype: torch.dtype, device: torch.device | str, name: str
 ) -> Models:
-    """Prior from ``prior_path``; CLIP from it when it carries ``clip.clip.*``, else from ``clip_path``."""
-    checkpoint = Checkpoint(prior_path)
+    """Prior from ``checkpoint``; CLIP from it when it carries ``clip.clip.*``, else from ``clip_path``."""
+    prior_path = checkpoint.path
     prior = load_prior(checkpoint, dtype, device)
     if checkpoint.shapes(PREFIXES["clip"]):
         clip = load_clip(checkpoint, PREFIXES["clip"], device)
@@ -270,23 +270,22 @@ def laion_models(dtype: torch.dtype, device: torch.device | str) -> Models:
     """LAION's prior, converted to safetensors on first use, and its CLIP."""
     cache = weights_dir()
     converted = cache / "laion" / converted_name(dtype)
+    checkpoint = None
     if converted.is_file():
         try:
-            Checkpoint(converted)  # reads the header and checks it against the file's size
+            checkpoint = Checkpoint(converted)  # reads the header and checks it against the file's size
         except CheckpointError as error:
             log.warning("%s is damaged, converting the checkpoint again: %s", converted, error)
             converted.unlink(missing_ok=True)
-    if not converted.is_file():
-        convert(fetch(LAION_PRIOR, cache), converted, dtype)
-    clip_path = None
-    if not Checkpoint(converted).shapes(PREFIXES["clip"]):
-        clip_path = fetch(OPENAI_CLIP, cache)
-    return load_checkpoint_models(converted, clip_path, dtype, device, "laion")
+    if checkpoint is None:
+        checkpoint = Checkpoint(convert(fetch(LAION_PRIOR, cache), converted, dtype))
+    clip_path = None if checkpoint.shapes(PREFIXES["clip"]) else fetch(OPENAI_CLIP, cache)
+    return load_checkpoint_models(checkpoint, clip_path, dtype, device, "laion")
 
 
 def directory_models(path: Path, dtype: torch.dtype, device: torch.device | str) -> Models:
     if path.is_file():
-        return load_checkpoint_models(path, None, dtype, device, str(path))
+        return load_checkpoint_models(Checkpoint(path), None, dtype, device, str(path))
     prior_path = next((p for p in (path / converted_name(dtype), path / PRIOR_FILE) if p.is_file()), None)
     if prior_path is None:
         candidates = sorted(p for p in path.glob("*.pth")) if path.is_dir() else []
@@ -294,7 +293,8 @@ def directory_models(path: Path, dtype: torch.dtype, device: torch.device | str)
             raise WeightsUnavailable(f"{path}: expected {PRIOR_FILE} (python -m prior.convert) or a single .pth file")
         prior_path = candidates[0]
     clip_path = path / CLIP_FILE
-    return load_checkpoint_models(prior_path, clip_path if clip_path.is_file() else None, dtype, device, str(path))
+    clip = clip_path if clip_path.is_file() else None
+    return load_checkpoint_models(Checkpoint(prior_path), clip, dtype, device, str(path))
 
 
 def default_prior_dtype(device: torch.device) -> torch.dtype:
