@@ -323,8 +323,7 @@ def save_safetensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
     tensors, storages = {}, set()
     for name, tensor in state.items():
         tensor = tensor.contiguous()
-        storage = tensor.untyped_storage().data_ptr()
-        if storage in storages:
+        if tensor.untyped_storage().data_ptr() in storages:
             tensor = tensor.clone()
         storages.add(tensor.untyped_storage().data_ptr())
         tensors[name] = tensor
