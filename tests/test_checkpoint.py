@@ -16,7 +16,7 @@ from conftest import LAION_PRIOR, SMALL_PRIOR, oracle_prior
 
 from prior.checkpoint import Checkpoint, CheckpointError
 from prior.sampling import sample_image_embeds
-from prior.weights import WeightsUnavailable, convert, converted_name, load_models
+from prior.weights import PROXY_VARIABLES, WeightsUnavailable, convert, converted_name, load_models
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +314,7 @@ def test_behind_a_proxy_the_hub_is_not_probed_directly(monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", no_direct_route)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+    for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     assert not hub_reachable()
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
@@ -324,7 +324,7 @@ def test_behind_a_proxy_the_hub_is_not_probed_directly(monkeypatch):
 def test_a_name_lookup_that_hangs_counts_as_unreachable_within_the_timeout(monkeypatch):
     from prior.weights import hub_reachable
 
-    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+    for name in ("HF_HUB_OFFLINE", *PROXY_VARIABLES):
         monkeypatch.delenv(name, raising=False)
     release = threading.Event()
 
@@ -344,7 +344,7 @@ def test_the_probe_uses_the_endpoint_schemes_port(monkeypatch):
 
     from prior.weights import hub_reachable
 
-    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+    for name in ("HF_HUB_OFFLINE", *PROXY_VARIABLES):
         monkeypatch.delenv(name, raising=False)
     probed = []
 
