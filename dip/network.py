@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import DeformConv2d
 
+from .conv import Conv2d
 from .resample import Downsample, Upsample
 
 INPUT_CHANNELS = 32
@@ -78,6 +79,19 @@ class DecorrelatedColoursToRGB(nn.Module):
         return F.conv2d(x, self.weight.to(x.dtype))
 
 
+class ReflectionPad2d(nn.ReflectionPad2d):
+    """``nn.ReflectionPad2d`` in its input's dtype, under autocast too.
+
+    Autocast runs reflection padding in float32 on the CPU, so in bf16 each padded 3x3 conv's
+    input went to float32 and back: two copies of the level's largest tensor, and padding at
+    twice the bytes. Padding copies values, so it is exact in any dtype.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x)
+
+
 class DeformableConv3x3(nn.Module):
     """A reflect-padded 3x3 ``DeformConv2d`` whose sampling offsets are predicted from its input.
 
@@ -92,9 +106,9 @@ class DeformableConv3x3(nn.Module):
         while in_channels % groups:
             groups -= 1
         self.offset_type = offset_type
-        self.pad = nn.ReflectionPad2d(1)
+        self.pad = ReflectionPad2d(1)
         self.conv = DeformConv2d(in_channels, out_channels, 3)
-        self.offset_branch = nn.Conv2d(in_channels, 2 * groups * 9, 1 if offset_type == "1x1" else 3)
+        self.offset_branch = Conv2d(in_channels, 2 * groups * 9, 1 if offset_type == "1x1" else 3)
         nn.init.zeros_(self.offset_branch.weight)
         nn.init.zeros_(self.offset_branch.bias)
 
@@ -111,7 +125,7 @@ class DeformableConv3x3(nn.Module):
 
 def conv3x3(in_channels: int, out_channels: int, offset_type: str) -> nn.Module:
     if offset_type == "none":
-        return nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(in_channels, out_channels, 3))
+        return nn.Sequential(ReflectionPad2d(1), Conv2d(in_channels, out_channels, 3))
     return DeformableConv3x3(in_channels, out_channels, offset_type)
 
 
@@ -124,7 +138,7 @@ class Level(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, skip_channels: int, offset_type: str, inner: Level | None):
         super().__init__()
-        self.skip = nn.Sequential(nn.Conv2d(in_channels, skip_channels, 1), *norm_act(skip_channels))
+        self.skip = nn.Sequential(Conv2d(in_channels, skip_channels, 1), *norm_act(skip_channels))
         self.deeper = nn.Sequential(
             conv3x3(in_channels, channels, offset_type),
             Downsample(),
@@ -138,7 +152,7 @@ class Level(nn.Module):
             nn.BatchNorm2d(skip_channels + channels),
             conv3x3(skip_channels + channels, channels, offset_type),
             *norm_act(channels),
-            nn.Conv2d(channels, channels, 1),
+            Conv2d(channels, channels, 1),
             *norm_act(channels),
         )
 
@@ -161,7 +175,7 @@ class SkipNet(nn.Module):
         for i in reversed(range(num_scales)):
             level = Level(INPUT_CHANNELS if i == 0 else channels, channels, skip_channels, offset_type, level)
         self.body = level
-        self.head = nn.Sequential(nn.Conv2d(channels, 3, 1), DecorrelatedColoursToRGB(), nn.Sigmoid())
+        self.head = nn.Sequential(Conv2d(channels, 3, 1), DecorrelatedColoursToRGB(), nn.Sigmoid())
 
     def forward(self, noise: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(noise * INPUT_SCALE))
