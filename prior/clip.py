@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hardware import compute_dtype
+
 CONTEXT_LENGTH = 77
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -84,6 +86,37 @@ class Tokenizer:
         return Tokens(ids, truncated)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, run on oneDNN as a 1x1 convolution when it is float32 on the CPU.
+
+    PyTorch gives a float32 ``F.linear`` on the CPU to MKL, which takes its AVX2 code path on AMD
+    CPUs; a 1x1 convolution goes to oneDNN, which takes the AVX-512 one. The rows of ``x`` become
+    the pixels of a channels-last ``[1, in, rows, 1]`` image, a view, as is the result. On CLIP's
+    shapes (ViT-B/32 and ViT-L/14, 8 cutouts) forward and backward ran 2.0-2.1 times as fast on a
+    Zen 5 CPU; results differ from ``F.linear``'s by float32 rounding. Under autocast, in other
+    dtypes and on other devices it is ``F.linear``.
+    """
+    if not (x.device.type == "cpu" and compute_dtype(x) == torch.float32 and weight.dtype == torch.float32):
+        return F.linear(x, weight, bias)
+    if not torch.backends.mkldnn.is_available() or x.dim() < 2:
+        return F.linear(x, weight, bias)
+    rows = x.reshape(1, -1, 1, x.shape[-1]).permute(0, 3, 1, 2)  # [1, in, rows, 1], channels-last
+    out = F.conv2d(rows, weight[:, :, None, None], bias)  # [1, out, rows, 1], channels-last
+    return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Module):
+    """An ``nn.Linear`` computed by ``linear``, with its parameters: state dict keys are unchanged."""
+
+    def __init__(self, module: nn.Linear):
+        super().__init__()
+        self.weight = module.weight
+        self.bias = module.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class PatchEmbedding(nn.Module):
     """A ViT's patchify conv (kernel = stride, no padding, no bias) as one matmul.
 
@@ -109,7 +142,7 @@ class PatchEmbedding(nn.Module):
         gh, gw = h // ph, w // pw  # like the conv, drop a remainder
         patches = images[:, :, : gh * ph, : gw * pw].reshape(b, c, gh, ph, gw, pw)
         patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * ph * pw)
-        embeds = F.linear(patches, self.weight.flatten(1))  # [b, n, width]
+        embeds = linear(patches, self.weight.flatten(1))  # [b, n, width]
         return embeds.unflatten(1, (gh, gw)).permute(0, 3, 1, 2)
 
 
@@ -161,7 +194,7 @@ class SelfAttention(nn.Module):
         self.num_heads = attention.num_heads
         self.in_proj_weight = attention.in_proj_weight
         self.in_proj_bias = attention.in_proj_bias
-        self.out_proj = attention.out_proj
+        self.out_proj = Linear(attention.out_proj)
 
     def forward(self, query, key, value, need_weights: bool = False, attn_mask: torch.Tensor | None = None):
         if key is not query or value is not query or need_weights:
@@ -169,7 +202,7 @@ class SelfAttention(nn.Module):
         if attn_mask is not None and (attn_mask.dtype == torch.bool or attn_mask.dim() != 2):
             raise ValueError("SelfAttention takes no mask or an additive float [tokens, tokens] mask")
         tokens, batch, width = query.shape
-        qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
+        qkv = linear(query, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(tokens, batch, 3, self.num_heads, width // self.num_heads).permute(2, 1, 3, 0, 4)
         if attn_mask is None and takes_cpu_bf16_attention(q.device, q.dtype):
             out = cpu_bf16_attention(q, k, v)
@@ -198,6 +231,10 @@ class ClipEncoder(nn.Module):
                 block.attn.batch_first = False
                 block.attn = SelfAttention(block.attn)
         model.visual.conv1 = PatchEmbedding(model.visual.conv1)
+        for parent in list(model.modules()):  # the MLPs' linears
+            for name, child in parent.named_children():
+                if type(child) is nn.Linear:
+                    setattr(parent, name, Linear(child))
         self.tokenize = Tokenizer(model.context_length)
         self.image_size = int(model.visual.image_size[0])
         self.image_tokens = int(model.visual.grid_size[0] * model.visual.grid_size[1]) + 1  # with the class token

@@ -13,11 +13,13 @@ import torch.nn.functional as F
 
 from prior.checkpoint import Checkpoint, save_safetensors
 from prior.clip import (
+    Linear,
     PatchEmbedding,
     SelfAttention,
     Tokenizer,
     clip_model,
     cpu_bf16_attention,
+    linear,
     openai_clip_config,
 )
 from prior.weights import load_clip
@@ -199,3 +201,41 @@ def test_the_encoder_takes_the_bf16_attention_on_the_cpu_and_sdpa_otherwise(enco
             bf16 = F.normalize(ours.encode_image(images).float(), dim=-1)
     assert len(calls) == len(ours.model.visual.transformer.resblocks)
     torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0)  # bf16 keeps 8 bits of mantissa
+
+
+def test_linear_is_f_linear_in_float32_through_onednn(monkeypatch):
+    """Forward and both gradients against F.linear: 1e-5 relative to each tensor's largest value
+    (float32 sums in another order). The 1x1 convolution is the one that runs."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 50, 64, generator=generator, requires_grad=True)  # [batch, tokens, width]
+    weight = torch.randn(96, 64, generator=generator, requires_grad=True)
+    bias = torch.randn(96, generator=generator, requires_grad=True)
+    grad = torch.randn(2, 50, 96, generator=generator)
+    convs = []
+    real = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *a, **k: convs.append(a[0].shape) or real(*a, **k))
+    out = linear(x, weight, bias)
+    assert convs == [(1, 64, 100, 1)]
+    expected = F.linear(x, weight, bias)
+    assert out.shape == expected.shape and out.is_contiguous()
+    got = [out, *torch.autograd.grad(out, (x, weight, bias), grad)]
+    want = [expected, *torch.autograd.grad(expected, (x, weight, bias), grad)]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5 * w.abs().max().item(), rtol=0)
+
+
+def test_linear_is_f_linear_itself_under_autocast_and_in_other_dtypes():
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(10, 16, generator=generator), torch.randn(8, 16, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(linear(x, weight), F.linear(x, weight))
+    assert torch.equal(linear(x.double(), weight.double()), F.linear(x.double(), weight.double()))
+    assert torch.equal(linear(x[0], weight), F.linear(x[0], weight))  # one row: [in] -> [out]
+
+
+def test_the_encoder_runs_its_linears_through_linear(encoders):
+    _, ours = encoders
+    block = ours.model.visual.transformer.resblocks[0]
+    for module in (block.attn.out_proj, block.mlp.c_fc, block.mlp.c_proj, ours.model.transformer.resblocks[0].mlp.c_fc):
+        assert isinstance(module, Linear)
+    assert not any(type(m) is torch.nn.Linear for m in ours.modules())
