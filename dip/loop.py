@@ -68,9 +68,10 @@ def default_precision(device: torch.device) -> str:
     """fp16 autocast with gradient scaling on CUDA; bf16 autocast on a CPU with native bf16; else fp32.
 
     On this project's benchmark CPUs (a Xeon with AMX, a Zen 5 EPYC with AVX512-BF16) bf16
-    autocast ran 2.1 to 2.3 times as fast as fp32 with a ViT-B/32-sized CLIP, and ended 30 steps
-    within 0.006 to 0.010 of fp32's similarity to the target (``dip.bf16_speedup_b32``,
-    ``dip.bf16_similarity_gap``; the target is at most 0.02). It needs CLIP's attention to run
+    autocast ran 1.7 to 2.3 times as fast as fp32 with a ViT-B/32-sized CLIP (1.7 on the EPYC
+    once its fp32 linears ran on oneDNN), and ended 30 steps within 0.001 to 0.010 of fp32's
+    similarity to the target (``dip.bf16_speedup_b32``, ``dip.bf16_similarity_gap``; the target
+    is at most 0.02). It needs CLIP's attention to run
     sequence-first (``prior.clip``): open_clip's batch-first ``nn.MultiheadAttention`` expands
     its weights per token while training, which made CLIP's backward four times slower in bf16.
     """
