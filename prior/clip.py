@@ -86,23 +86,59 @@ class Tokenizer:
         return Tokens(ids, truncated)
 
 
+def _as_pixels(rows: torch.Tensor) -> torch.Tensor:
+    """``[..., c]`` -> the channels-last image ``[1, c, rows, 1]`` of its rows (a view if contiguous)."""
+    return rows.reshape(1, -1, 1, rows.shape[-1]).permute(0, 3, 1, 2)
+
+
+def _as_rows(pixels: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The inverse of ``_as_pixels``, to ``[*shape, c]``."""
+    return pixels.permute(0, 2, 3, 1).reshape(*shape, pixels.shape[1])
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """``F.linear`` of float32 CPU tensors as 1x1 convolutions, the rows of ``x`` the pixels of an
+    image. Autograd keeps what it keeps for ``F.linear``: the input only if the weight needs a
+    gradient (for a convolution it would keep both, always)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        return _as_rows(F.conv2d(_as_pixels(x), weight[:, :, None, None], bias), x.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad
+        grad_x = grad_weight = grad_bias = None
+        if need_x:
+            pixels = _as_pixels(grad)
+            # the input gradient reads only the input's shape and layout: an unfilled stand-in
+            stand_in = _as_pixels(torch.empty(pixels.shape[2], weight.shape[1], dtype=grad.dtype))
+            args = (None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, False, False])
+            grad_pixels = torch.ops.aten.convolution_backward(pixels, stand_in, weight[:, :, None, None], *args)[0]
+            grad_x = _as_rows(grad_pixels, grad.shape[:-1])
+        if need_weight:
+            grad_weight = grad.flatten(0, -2).t() @ x.flatten(0, -2)
+        if need_bias:
+            grad_bias = grad.flatten(0, -2).sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, run on oneDNN as a 1x1 convolution when it is float32 on the CPU.
+    """``F.linear``, run on oneDNN as 1x1 convolutions when it is float32 on the CPU.
 
     PyTorch gives a float32 ``F.linear`` on the CPU to MKL, which takes its AVX2 code path on AMD
-    CPUs; a 1x1 convolution goes to oneDNN, which takes the AVX-512 one. The rows of ``x`` become
-    the pixels of a channels-last ``[1, in, rows, 1]`` image, a view, as is the result. On CLIP's
-    shapes (ViT-B/32 and ViT-L/14, 8 cutouts) forward and backward ran 2.0-2.1 times as fast on a
-    Zen 5 CPU; results differ from ``F.linear``'s by float32 rounding. Under autocast, in other
-    dtypes and on other devices it is ``F.linear``.
+    CPUs; a 1x1 convolution goes to oneDNN, which takes the AVX-512 one. On CLIP's shapes (ViT-B/32
+    and ViT-L/14, 8 cutouts) forward and backward ran 2.0-2.1 times as fast on a Zen 5 CPU; results
+    differ from ``F.linear``'s by float32 rounding, and autograd keeps the same tensors. Under
+    autocast, in other dtypes and on other devices it is ``F.linear``.
     """
     if not (x.device.type == "cpu" and compute_dtype(x) == torch.float32 and weight.dtype == torch.float32):
         return F.linear(x, weight, bias)
     if not torch.backends.mkldnn.is_available() or x.dim() < 2:
         return F.linear(x, weight, bias)
-    rows = x.reshape(1, -1, 1, x.shape[-1]).permute(0, 3, 1, 2)  # [1, in, rows, 1], channels-last
-    out = F.conv2d(rows, weight[:, :, None, None], bias)  # [1, out, rows, 1], channels-last
-    return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
+    return _OneDnnLinear.apply(x, weight, bias)
 
 
 class Linear(nn.Module):

@@ -239,3 +239,26 @@ def test_the_encoder_runs_its_linears_through_linear(encoders):
     for module in (block.attn.out_proj, block.mlp.c_fc, block.mlp.c_proj, ours.model.transformer.resblocks[0].mlp.c_fc):
         assert isinstance(module, Linear)
     assert not any(type(m) is torch.nn.Linear for m in ours.modules())
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_linear_keeps_for_the_backward_pass_what_f_linear_keeps(weight_grad):
+    """A convolution would keep its input as well as its weight: for CLIP's frozen linears in
+    float32 that was 45% more memory for the backward pass (ViT-B/32, 8 cutouts)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 20, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(8, 16, generator=generator, requires_grad=weight_grad)
+
+    def kept(function):  # the storages autograd keeps
+        storages = set()
+
+        def pack(tensor):
+            storages.add(tensor.untyped_storage().data_ptr())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            function(x, weight)
+        return storages
+
+    expected = {t.untyped_storage().data_ptr() for t in ([weight, x] if weight_grad else [weight])}
+    assert kept(linear) == kept(F.linear) == expected
