@@ -88,6 +88,8 @@ class ReflectionPad2d(nn.ReflectionPad2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.amp.is_autocast_available(x.device.type):
+            return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
             return super().forward(x)
 

@@ -86,9 +86,14 @@ class Tokenizer:
         return Tokens(ids, truncated)
 
 
+# ATen runs a float32 convolution of one image with a 1x1 kernel on oneDNN only with more than one
+# thread and over this many input elements (else on its own kernel, a BLAS matmul as F.linear's).
+ONEDNN_MIN_ELEMENTS = 20480
+
+
 def _as_pixels(rows: torch.Tensor) -> torch.Tensor:
     """``[..., c]`` -> the channels-last image ``[1, c, rows, 1]`` of its rows (a view if contiguous)."""
-    return rows.reshape(1, -1, 1, rows.shape[-1]).permute(0, 3, 1, 2)
+    return rows.contiguous().view(1, -1, 1, rows.shape[-1]).permute(0, 3, 1, 2)
 
 
 def _as_rows(pixels: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -132,20 +137,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     CPUs; a 1x1 convolution goes to oneDNN, which takes the AVX-512 one. On CLIP's shapes (ViT-B/32
     and ViT-L/14, 8 cutouts) forward and backward ran 2.0-2.1 times as fast on a Zen 5 CPU; results
     differ from ``F.linear``'s by float32 rounding, and autograd keeps the same tensors. Under
-    autocast, in other dtypes and on other devices it is ``F.linear``.
+    autocast, in other dtypes, on other devices, and where PyTorch would not give the convolution to
+    oneDNN (one thread, small inputs: ``ONEDNN_MIN_ELEMENTS``) it is ``F.linear``.
     """
     if not (x.device.type == "cpu" and compute_dtype(x) == torch.float32 and weight.dtype == torch.float32):
         return F.linear(x, weight, bias)
-    if not torch.backends.mkldnn.is_available() or x.dim() < 2:
+    onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    if not onednn or torch.get_num_threads() < 2 or x.dim() < 2 or x.numel() <= ONEDNN_MIN_ELEMENTS:
         return F.linear(x, weight, bias)
     return _OneDnnLinear.apply(x, weight, bias)
 
 
-class Linear(nn.Module):
-    """An ``nn.Linear`` computed by ``linear``, with its parameters: state dict keys are unchanged."""
+class Linear(nn.Linear):
+    """An ``nn.Linear`` computed by ``linear``, holding the parameters of the one it replaces (state
+    dict keys are unchanged)."""
 
     def __init__(self, module: nn.Linear):
-        super().__init__()
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = module.in_features, module.out_features
         self.weight = module.weight
         self.bias = module.bias
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from prior.checkpoint import Checkpoint, save_safetensors
 from prior.clip import (
+    ONEDNN_MIN_ELEMENTS,
     Linear,
     PatchEmbedding,
     SelfAttention,
@@ -203,25 +204,54 @@ def test_the_encoder_takes_the_bf16_attention_on_the_cpu_and_sdpa_otherwise(enco
     torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0)  # bf16 keeps 8 bits of mantissa
 
 
-def test_linear_is_f_linear_in_float32_through_onednn(monkeypatch):
+@pytest.fixture
+def two_threads():
+    """ATen gives a 1x1 convolution of one image to oneDNN only with more than one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def kernels(function) -> set[str]:
+    """The names of the aten ops that ``function()`` ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        function()
+    return {event.key for event in profiler.key_averages()}
+
+
+def test_linear_is_f_linear_in_float32_through_onednn(two_threads):
     """Forward and both gradients against F.linear: 1e-5 relative to each tensor's largest value
-    (float32 sums in another order). The 1x1 convolution is the one that runs."""
+    (float32 sums in another order). oneDNN's convolution is what runs, forward and backward."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 50, 64, generator=generator, requires_grad=True)  # [batch, tokens, width]
+    x = torch.randn(2, 200, 64, generator=generator, requires_grad=True)  # [batch, tokens, width]
     weight = torch.randn(96, 64, generator=generator, requires_grad=True)
     bias = torch.randn(96, generator=generator, requires_grad=True)
-    grad = torch.randn(2, 50, 96, generator=generator)
-    convs = []
-    real = F.conv2d
-    monkeypatch.setattr(F, "conv2d", lambda *a, **k: convs.append(a[0].shape) or real(*a, **k))
+    grad = torch.randn(2, 200, 96, generator=generator)
+    assert x.numel() > ONEDNN_MIN_ELEMENTS
     out = linear(x, weight, bias)
-    assert convs == [(1, 64, 100, 1)]
     expected = F.linear(x, weight, bias)
     assert out.shape == expected.shape and out.is_contiguous()
     got = [out, *torch.autograd.grad(out, (x, weight, bias), grad)]
     want = [expected, *torch.autograd.grad(expected, (x, weight, bias), grad)]
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5 * w.abs().max().item(), rtol=0)
+    ran = kernels(lambda: torch.autograd.grad(linear(x, weight.detach(), bias.detach()), x, grad))  # frozen, as CLIP
+    assert {"aten::mkldnn_convolution", "aten::convolution_backward"} <= ran
+    assert not {"aten::addmm", "aten::mm", "aten::_slow_conv2d_forward"} & ran
+
+
+def test_linear_is_f_linear_itself_where_onednn_would_not_run(two_threads):
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(200, 64, generator=generator), torch.randn(96, 64, generator=generator)
+    small = x[:100]  # 6400 elements
+    assert torch.equal(linear(small, weight), F.linear(small, weight))
+    torch.set_num_threads(1)
+    assert torch.equal(linear(x, weight), F.linear(x, weight))
+    torch.set_num_threads(2)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert torch.equal(linear(x, weight), F.linear(x, weight))
+    assert linear(x[:0], weight).shape == (0, 96)
 
 
 def test_linear_is_f_linear_itself_under_autocast_and_in_other_dtypes():
@@ -242,12 +272,12 @@ def test_the_encoder_runs_its_linears_through_linear(encoders):
 
 
 @pytest.mark.parametrize("weight_grad", [False, True])
-def test_linear_keeps_for_the_backward_pass_what_f_linear_keeps(weight_grad):
+def test_linear_keeps_for_the_backward_pass_what_f_linear_keeps(weight_grad, two_threads):
     """A convolution would keep its input as well as its weight: for CLIP's frozen linears in
     float32 that was 45% more memory for the backward pass (ViT-B/32, 8 cutouts)."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 20, 16, generator=generator, requires_grad=True)
-    weight = torch.randn(8, 16, generator=generator, requires_grad=weight_grad)
+    x = torch.randn(3, 100, 96, generator=generator, requires_grad=True)  # over ONEDNN_MIN_ELEMENTS
+    weight = torch.randn(8, 96, generator=generator, requires_grad=weight_grad)
 
     def kept(function):  # the storages autograd keeps
         storages = set()
