@@ -267,7 +267,8 @@ def test_the_encoder_runs_its_linears_through_linear(encoders):
     _, ours = encoders
     block = ours.model.visual.transformer.resblocks[0]
     for module in (block.attn.out_proj, block.mlp.c_fc, block.mlp.c_proj, ours.model.transformer.resblocks[0].mlp.c_fc):
-        assert isinstance(module, Linear)
+        assert isinstance(module, Linear) and isinstance(module, torch.nn.Linear)  # as open_clip may check
+        assert (module.out_features, module.in_features) == module.weight.shape
     assert not any(type(m) is torch.nn.Linear for m in ours.modules())
 
 

@@ -95,3 +95,7 @@ def test_reflection_padding_keeps_the_dtype_under_autocast():
         native = nn.ReflectionPad2d(1)(x)
     assert padded.dtype == torch.bfloat16 and native.dtype == torch.float32  # what autocast does alone
     assert torch.equal(padded.float(), native)
+
+
+def test_reflection_padding_works_where_there_is_no_autocast():
+    assert ReflectionPad2d(1)(torch.empty(1, 2, 4, 4, device="meta")).shape == (1, 2, 6, 6)
