@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from didp.allocator import keep_freed_memory, release_freed_memory
 from didp.media import clip_image_tensor, load_image, write_animation
-from didp.request import Request, text_or_none
+from didp.request import Request
 from dip import visualise_batch
 from dip.loop import PRECISION_DTYPES, default_precision, visualise
 from dip.network import CHANNELS
@@ -314,7 +314,6 @@ class Predictor(BaseRunner):
             _integral, (num_samples_per_batch, num_cutouts, prior_steps, seed)
         )
         interpolation_steps, num_outputs = map(_integral, (interpolation_steps, num_outputs))
-        interpolate_to, edit_prompt, negative_prompt = map(text_or_none, (interpolate_to, edit_prompt, negative_prompt))
         inputs = {k: v for k, v in locals().items() if k not in ("self", "image")}
         inputs["image"] = None if image is None else "(a file)"
         request = Request.check(
@@ -329,6 +328,7 @@ class Predictor(BaseRunner):
             save_animation=save_animation,
             animation_format=animation_format,
         )
+        inputs.update({name: getattr(request, name) for name in Request.CAPTIONS})  # a blank one as None
         picture = load_image(uploaded_file(image, "image")) if image is not None else None
         settings = DipSettings(
             num_scales=num_scales,

@@ -88,18 +88,14 @@ def check_before_setup(values: dict, fields: dict) -> None:
     """The predictor's own checks that need no model, run before the models load, so that a request
     that cannot work fails at once rather than after loading (or downloading) the weights: files
     exist, the inputs combine (``Request.check``), ``num_scales`` fits ``size`` (``DipSettings``)."""
-    from didp.request import Request, text_or_none
+    from didp.request import Request
     from dip.settings import DipSettings
 
     for name, value in values.items():
         field = fields.get(name)
         if field is not None and field.type.primitive.name == "PATH" and value is not None:
             _local_file(name, value)
-    request = {f.name: values[f.name] for f in dataclasses.fields(Request) if f.name in values}
-    for name in ("interpolate_to", "edit_prompt", "negative_prompt"):
-        if name in request:
-            request[name] = text_or_none(request[name])
-    Request.check(**request)
+    Request.check(**{f.name: values[f.name] for f in dataclasses.fields(Request) if f.name in values})
     DipSettings(**{f.name: values[f.name] for f in dataclasses.fields(DipSettings) if f.name in values}).validate()
 
 

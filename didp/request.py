@@ -19,6 +19,11 @@ def text_or_none(value: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class Request:
+    """The request's inputs beyond one caption and one picture; a blank optional caption
+    (``CAPTIONS``) counts as not given and is held as ``None``."""
+
+    CAPTIONS = ("interpolate_to", "edit_prompt", "negative_prompt")
+
     mode: str = "visualize"
     interpolate_to: str | None = None
     edit_prompt: str | None = None
@@ -29,6 +34,10 @@ class Request:
     num_outputs: int = 1
     save_animation: bool = False
     animation_format: str = "webp"
+
+    def __post_init__(self):
+        for name in self.CAPTIONS:
+            object.__setattr__(self, name, text_or_none(getattr(self, name)))
 
     @classmethod
     def check(cls, **values) -> Request:

@@ -323,3 +323,14 @@ def test_an_edit_that_changes_nothing_fails_before_the_prior_runs(predictor, mon
     with pytest.raises(ValueError, match="the two texts have the same embedding"):
         list(predictor.run(**values))
     assert sampled == [] and list(tmp_path.iterdir()) == []
+
+
+def test_result_json_records_a_blank_optional_caption_as_not_given(predictor, monkeypatch, tmp_path):
+    import predict
+    from didp.validation import validate_inputs
+
+    monkeypatch.setattr(predict, "OUTPUT_ROOT", tmp_path)
+    values = validate_inputs({"prompt": "a lighthouse", **SMALL, "iterations": 0, "negative_prompt": "  "})
+    produced = {Path(p).name: Path(p) for p in predictor.run(**values)}
+    inputs = json.loads(produced["result.json"].read_text())["inputs"]
+    assert inputs["negative_prompt"] is None and inputs["prompt"] == "a lighthouse"

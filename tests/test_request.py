@@ -63,3 +63,6 @@ def test_embed_mode_takes_sequences_and_negative_prompts():
 def test_a_blank_optional_caption_counts_as_not_given(blank):
     assert text_or_none(blank) is None
     assert text_or_none(" a cat ") == " a cat "
+    request = Request.check(interpolate_to=blank, edit_prompt=blank, negative_prompt=blank, interpolation_steps=None)
+    assert (request.interpolate_to, request.edit_prompt, request.negative_prompt) == (None, None, None)
+    assert Request.check(negative_prompt=" blur ").negative_prompt == " blur "
