@@ -5,7 +5,7 @@
 Inputs are checked by the same rules as the Cog server before any model is loaded; files are
 copied to ``-o`` as they are produced and their paths printed; when the first one arrives, an
 earlier run's files there (known by their names, ``OUTPUT_NAMES``) are removed so that runs do
-not mix.
+not mix. One run at a time writes into a directory: a second one there is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not kept apart
+    fcntl = None
 
 PREDICTOR = ("predict", "Predictor")
 # The names of the files a run writes (README, Outputs); a run into a directory replaces an
@@ -37,6 +42,40 @@ def remove_earlier_outputs(directory: Path) -> list[Path]:
     for path in earlier:
         path.unlink(missing_ok=True)
     return earlier
+
+
+class OutputBusy(Exception):
+    """Another run is writing into the output directory."""
+
+
+@contextlib.contextmanager
+def output_directory(path: Path):
+    """``path``, created if needed, for this run alone while it lasts.
+
+    A second run into the same directory would remove this run's files when it replaces an
+    earlier run's, so it is refused (``OutputBusy``). The lock is an advisory ``flock`` on the
+    directory itself, released when the process ends, however it ends. A directory created here
+    and left empty (setup failed) is removed again.
+    """
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutputBusy(
+                    f"-o {path}: another didp run is writing there; wait for it to end or choose another directory"
+                ) from None
+            except OSError:  # a file system without locks: runs are not kept apart
+                pass
+        yield path
+    finally:
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only if empty
 
 
 def _predictor_inputs() -> dict:
@@ -180,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "--output",
         type=Path,
         default=Path("outputs"),
-        help="output directory (default outputs/); an earlier run's files there are replaced",
+        help="output directory (default outputs/); an earlier run's files there are replaced; one run at a time",
     )
     args = parser.parse_args(argv)
 
@@ -198,7 +237,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.weights:
         os.environ["DIDP_WEIGHTS"] = args.weights
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(output_directory(args.output))
+        except OutputBusy as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except OSError as error:  # the directory cannot be made or opened
+            print(f"error: -o {args.output}: {error.strerror or error}", file=sys.stderr)
+            return 1
+        return _run(args.output, values, fields)
 
+
+def _run(output: Path, values: dict, fields: dict) -> int:
+    """Set up the predictor and run it once, copying its files to ``output`` as they come."""
     from predict import Predictor
 
     predictor = Predictor()
@@ -209,15 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: setup failed: {error}", file=sys.stderr)
         return 1
     try:
-        args.output.mkdir(parents=True, exist_ok=True)
         with local_files(values, fields) as run_values:  # file inputs are copied first: one may be an output
             replacing = True
             for produced in predictor.run(**run_values):
                 if replacing:  # only once the run has produced something: a refused run keeps the old files
                     replacing = False
-                    if earlier := remove_earlier_outputs(args.output):
-                        print(f"replaced the {len(earlier)} files of an earlier run in {args.output}", file=sys.stderr)
-                target = args.output / Path(produced).name
+                    if earlier := remove_earlier_outputs(output):
+                        print(f"replaced the {len(earlier)} files of an earlier run in {output}", file=sys.stderr)
+                target = output / Path(produced).name
                 shutil.copyfile(produced, target)
                 print(target, flush=True)
     except ValueError as error:  # an input, or a combination of inputs, refused before any work
