@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from madgrad import MADGRAD
 
 from prior.clip import ClipEncoder
-from prior.hardware import cpu_has_native_bf16
+from prior.hardware import cpu_has_native_bf16, resolve_device
 
 from .cutouts import MakeCutouts
 from .loss import spherical_distance
@@ -175,7 +175,7 @@ def visualise_batch(
     """
     settings.validate()
     clip_device = next(clip.parameters()).device
-    device = clip_device if device is None else torch.device(device)
+    device = clip_device if device is None else resolve_device(device)
     if device != clip_device:
         raise ValueError(f"clip is on {clip_device} but device is {device}; move clip first")
     precision = default_precision(device) if precision is None else precision
@@ -347,7 +347,8 @@ def _batch_frame(
     lr: float,
     seeds: list[int],
 ) -> BatchFrame:
-    # the only host-device synchronisations of the loop (.item(), .tolist(), .cpu()) happen here
+    # the loop's host-device synchronisations (.item(), .tolist(), .cpu()) happen here, apart from
+    # fp16's: the gradient scaler reads each optimiser's inf/NaN check to skip or take the step
     pictures = images.detach().clamp(0, 1)
     embeds = clip.embed_image(pictures)
     similarities = (embeds * targets).sum(dim=-1).tolist()

@@ -20,6 +20,23 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def resolve_device(device: torch.device | str) -> torch.device:
+    """``device`` as its tensors report it: a bare ``cuda`` is the current CUDA device, ``cuda:0``.
+
+    ``torch.device("cuda") != torch.device("cuda:0")``, yet tensors moved to the former report
+    the latter; comparing a module's device with a requested one needs both resolved.
+    """
+    device = torch.device(device)
+    if device.index is None and device.type == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def default_device() -> torch.device:
+    """The current CUDA device when there is one, else the CPU."""
+    return resolve_device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a convolution or matmul of ``x`` runs in: the autocast dtype if autocast is on."""
     device = x.device.type

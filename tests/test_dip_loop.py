@@ -1,6 +1,7 @@
 """The optimisation loop: frames, display steps, seeding, learning rates, precision, cancellation."""
 
 import gc
+import types
 import weakref
 
 import pytest
@@ -10,6 +11,7 @@ import dip.loop
 from dip import DipSettings, Frame, default_precision, is_display_step, visualise
 from dip.network import offset_parameters
 from prior.factory import random_models
+from prior.hardware import default_device, resolve_device
 
 # Small and fast: 32 px, 3 scales, 4 cutouts. Each step takes well under 0.1 s on 2 cores.
 SMALL = DipSettings(size=32, num_scales=3, num_cutouts=4, iterations=4, display_freq=2, seed=7)
@@ -235,3 +237,31 @@ def test_default_precision_is_fp16_on_cuda_and_bf16_on_a_cpu_with_native_bf16(mo
     assert default_precision(torch.device("cpu")) == "bf16"
     monkeypatch.setattr(dip.loop, "cpu_has_native_bf16", lambda: False)
     assert default_precision(torch.device("cpu")) == "fp32"
+
+
+def test_a_bare_cuda_device_means_the_current_cuda_device_that_clip_reports(monkeypatch, target):
+    """Tensors moved to ``cuda`` report ``cuda:0``, and ``torch.device("cuda") != "cuda:0"``: a
+    run asked for on ``cuda`` with CLIP moved there must not be refused as on another device."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert torch.device("cuda") != torch.device("cuda:0")
+    assert resolve_device("cuda") == torch.device("cuda:0") == default_device()
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+    class MovedToCuda(torch.nn.Module):  # as CLIP's parameters report it after .to("cuda")
+        embed_dim = target.shape[-1]
+
+        def parameters(self, recurse=True):
+            yield types.SimpleNamespace(device=torch.device("cuda:0"))
+
+    with pytest.raises(Exception) as raised:  # gets past the device check; fails later for want of a GPU
+        next(iter(visualise(target, MovedToCuda(), SMALL, device="cuda")))
+    assert "move clip first" not in str(raised.value) and "embed_dim" not in str(raised.value), raised.value
+    with pytest.raises(ValueError, match="clip is on cuda:0 but device is cuda:1"):
+        next(iter(visualise(target, MovedToCuda(), SMALL, device="cuda:1")))
+
+
+def test_default_device_is_the_cpu_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == torch.device("cpu")
