@@ -38,6 +38,7 @@ from cog import BaseRunner, CancelationException, Input, Path, streaming
 from PIL import Image
 from tqdm import tqdm
 
+from didp import locks
 from didp.allocator import keep_freed_memory, release_freed_memory
 from didp.media import clip_image_tensor, load_image, write_animation
 from didp.request import Request
@@ -54,6 +55,9 @@ from prior.weights import load_models
 log = logging.getLogger("didp")
 
 OUTPUT_ROOT = LocalPath(os.environ.get("DIDP_OUTPUT_DIR", LocalPath(tempfile.gettempdir()) / "didp-outputs"))
+# A run's directory in OUTPUT_ROOT. It is held (didp.locks) while it exists; one left by a killed
+# process is removed at the next setup.
+RUN_DIR = re.compile(r"run-[0-9a-f]{16}")
 MAX_SEED = 100_000
 # Pixels of a progress animation's frames held at once while it is encoded (about 300 MB as RGB):
 # 1,500 frames of one 256 px picture, 47 of eight 512 px pictures side by side.
@@ -203,6 +207,10 @@ class Predictor(BaseRunner):
         if self.weights == "tiny":
             log.warning("DIDP_WEIGHTS=tiny: random models, a pipeline check whose images mean nothing")
         self.run_dir: LocalPath | None = None
+        self.run_lock: int | None = None
+        with contextlib.suppress(OSError):
+            if abandoned := locks.remove_abandoned(OUTPUT_ROOT, RUN_DIR):
+                log.info("removed %d directories left in %s by ended processes", len(abandoned), OUTPUT_ROOT)
         self.memory_budget, self.memory_budget_source = memory_budget_bytes(self.device)
         modules = (self.models.clip, self.models.prior.net)
         self.resident_bytes = sum(t.nbytes for m in modules for t in (*m.parameters(), *m.buffers()))
@@ -612,7 +620,8 @@ class Predictor(BaseRunner):
         """A new ``run-<random hex>`` directory for this run; the previous run's files are removed first.
 
         The name is recorded before the directory is made, so a cancellation at any point leaves
-        nothing that ``_discard_run`` does not know about.
+        nothing that ``_discard_run`` does not know about. The directory is held while it exists,
+        so that a process killed before removing it leaves it to the next setup to remove.
         """
         self._discard_run()
         with _writing(OUTPUT_ROOT):
@@ -621,6 +630,7 @@ class Predictor(BaseRunner):
                 self.run_dir = OUTPUT_ROOT / f"run-{secrets.token_hex(8)}"
                 with contextlib.suppress(FileExistsError):
                     self.run_dir.mkdir(mode=0o700)
+                    self.run_lock = locks.hold(self.run_dir)
                     return self.run_dir
 
     def discard_outputs(self) -> None:
@@ -633,6 +643,8 @@ class Predictor(BaseRunner):
         if self.run_dir is not None:
             self._remove(self.run_dir)
             self.run_dir = None
+        locks.release(self.run_lock)
+        self.run_lock = None
 
     @staticmethod
     def _remove(path: LocalPath) -> None:

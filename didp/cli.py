@@ -5,7 +5,8 @@
 Inputs are checked by the same rules as the Cog server before any model is loaded; files are
 copied to ``-o`` as they are produced and their paths printed; when the first one arrives, an
 earlier run's files there (known by their names, ``OUTPUT_NAMES``) are removed so that runs do
-not mix. One run at a time writes into a directory: a second one there is refused.
+not mix. One run at a time writes into a directory: a second one there is refused. Ctrl-C or
+SIGTERM ends a run with one line: the files already copied stay whole, the temporary ones go.
 """
 
 from __future__ import annotations
@@ -16,14 +17,11 @@ import dataclasses
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
-
-try:
-    import fcntl
-except ImportError:  # Windows: runs are not kept apart
-    fcntl = None
 
 PREDICTOR = ("predict", "Predictor")
 # The names of the files a run writes (README, Outputs); a run into a directory replaces an
@@ -44,6 +42,50 @@ def remove_earlier_outputs(directory: Path) -> list[Path]:
     return earlier
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that the clean-up of an interrupted run happens."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """While inside, SIGTERM raises ``Terminated`` (as Ctrl-C raises ``KeyboardInterrupt``) instead
+    of ending the process on the spot, which would leave the run's temporary files behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    """Hold Ctrl-C and SIGTERM back until the block has run (clean-up, copying a file): a signal
+    that arrives meanwhile is raised again after it, to the handler it would have met.
+
+    The handlers are swapped rather than the signals masked: a signal may be delivered to any
+    thread (PyTorch's included), but Python runs its handlers in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    previous = {kind: signal.signal(kind, lambda signum, frame: arrived.append(signum)) for kind in kinds}
+    try:
+        yield
+    finally:
+        for kind, handler in previous.items():
+            signal.signal(kind, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        if arrived:
+            signal.raise_signal(arrived[0])
+
+
 class OutputBusy(Exception):
     """Another run is writing into the output directory."""
 
@@ -53,26 +95,23 @@ def output_directory(path: Path):
     """``path``, created if needed, for this run alone while it lasts.
 
     A second run into the same directory would remove this run's files when it replaces an
-    earlier run's, so it is refused (``OutputBusy``). The lock is an advisory ``flock`` on the
-    directory itself, released when the process ends, however it ends. A directory created here
-    and left empty (setup failed) is removed again.
+    earlier run's, so it is refused (``OutputBusy``); see ``didp.locks``. A directory created
+    here and left empty (setup failed) is removed again.
     """
+    from didp.locks import DirectoryBusy, hold, release
+
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDONLY)
     try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise OutputBusy(
-                    f"-o {path}: another didp run is writing there; wait for it to end or choose another directory"
-                ) from None
-            except OSError:  # a file system without locks: runs are not kept apart
-                pass
+        lock = hold(path)
+    except DirectoryBusy:
+        raise OutputBusy(
+            f"-o {path}: another didp run is writing there; wait for it to end or choose another directory"
+        ) from None
+    try:
         yield path
     finally:
-        os.close(fd)
+        release(lock)
         if created:
             with contextlib.suppress(OSError):
                 path.rmdir()  # only if empty
@@ -115,9 +154,17 @@ def default_text(field) -> str:
     return "optional" if is_optional(field) else "required"
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|data:", re.ASCII)
+
+
 def _local_file(name: str, value: str) -> Path:
     """The file a path input names (``@path`` or ``path``); a missing one is an error naming the input."""
-    path = Path(value.removeprefix("@")).expanduser()
+    text = value.removeprefix("@")
+    if not text.strip():
+        raise ValueError(f"{name}: give a file: -i {name}=@path")
+    if _URL.match(text):
+        raise ValueError(f"{name}: didp reads local files (-i {name}=@path); a URL or data: URI works over HTTP")
+    path = Path(text).expanduser()
     if not path.is_file():
         raise ValueError(f"{name}: no such file: {path}")
     return path
@@ -126,14 +173,16 @@ def _local_file(name: str, value: str) -> Path:
 def check_before_setup(values: dict, fields: dict) -> None:
     """The predictor's own checks that need no model, run before the models load, so that a request
     that cannot work fails at once rather than after loading (or downloading) the weights: files
-    exist, the inputs combine (``Request.check``), ``num_scales`` fits ``size`` (``DipSettings``)."""
+    exist and are pictures, the inputs combine (``Request.check``), ``num_scales`` fits ``size``
+    (``DipSettings``)."""
+    from didp.media import load_image
     from didp.request import Request
     from dip.settings import DipSettings
 
     for name, value in values.items():
         field = fields.get(name)
         if field is not None and field.type.primitive.name == "PATH" and value is not None:
-            _local_file(name, value)
+            load_image(_local_file(name, value))  # the run decodes it again: a few ms, not a model load
     Request.check(**{f.name: values[f.name] for f in dataclasses.fields(Request) if f.name in values})
     DipSettings(**{f.name: values[f.name] for f in dataclasses.fields(DipSettings) if f.name in values}).validate()
 
@@ -159,8 +208,9 @@ def local_files(values: dict, fields: dict):
             files[name] = CogPath(copy)
         yield {**values, **files}
     finally:
-        for copy in copies:
-            copy.unlink(missing_ok=True)
+        with uninterrupted():
+            for copy in copies:
+                copy.unlink(missing_ok=True)
 
 
 def _number(value: float) -> str:
@@ -205,7 +255,35 @@ def _convert(text: str, kind: str):
     return text
 
 
+@dataclasses.dataclass
+class Progress:
+    """How far a run got: its output directory once chosen, and the files copied there whole."""
+
+    output: Path | None = None
+    written: list[Path] = dataclasses.field(default_factory=list)
+
+    def interrupted(self, interrupt: KeyboardInterrupt) -> str:
+        what = "terminated" if isinstance(interrupt, Terminated) else "interrupted"
+        if not self.written:
+            return f"{what}: nothing was written" + (f" to {self.output}" if self.output else "")
+        if self.written[-1].name == "result.json":
+            return f"{what} after the run had finished: its files are in {self.output}"
+        count = len(self.written)
+        return f"{what}: the run did not finish; the {count} files written so far are in {self.output} (no result.json)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``didp``; Ctrl-C (exit code 130) and SIGTERM (143) end it with one line and no leftovers."""
+    progress = Progress()
+    with terminate_as_interrupt():
+        try:
+            return _main(argv, progress)
+        except KeyboardInterrupt as interrupt:
+            print(f"\n{progress.interrupted(interrupt)}", file=sys.stderr)
+            return 143 if isinstance(interrupt, Terminated) else 130
+
+
+def _main(argv: list[str] | None, progress: Progress) -> int:
     parser = argparse.ArgumentParser(
         prog="didp",
         description="What CLIP sees for a caption: the diffusion prior and the deep-image-prior visualiser.",
@@ -243,14 +321,16 @@ def main(argv: list[str] | None = None) -> int:
         except OutputBusy as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        except OSError as error:  # the directory cannot be made or opened
+        except OSError as error:  # the directory cannot be made or opened: a bad -o, as a file there is
             print(f"error: -o {args.output}: {error.strerror or error}", file=sys.stderr)
-            return 1
-        return _run(args.output, values, fields)
+            return 2
+        progress.output = args.output
+        return _run(args.output, values, fields, progress.written)
 
 
-def _run(output: Path, values: dict, fields: dict) -> int:
-    """Set up the predictor and run it once, copying its files to ``output`` as they come."""
+def _run(output: Path, values: dict, fields: dict, written: list[Path]) -> int:
+    """Set up the predictor and run it once, copying its files to ``output`` as they come (each
+    one, once whole, appended to ``written``)."""
     from predict import Predictor
 
     predictor = Predictor()
@@ -269,7 +349,9 @@ def _run(output: Path, values: dict, fields: dict) -> int:
                     if earlier := remove_earlier_outputs(output):
                         print(f"replaced the {len(earlier)} files of an earlier run in {output}", file=sys.stderr)
                 target = output / Path(produced).name
-                shutil.copyfile(produced, target)
+                with uninterrupted():  # a file in -o is whole
+                    shutil.copyfile(produced, target)
+                    written.append(target)
                 print(target, flush=True)
     except ValueError as error:  # an input, or a combination of inputs, refused before any work
         print(f"error: {error}", file=sys.stderr)
@@ -278,7 +360,8 @@ def _run(output: Path, values: dict, fields: dict) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     finally:
-        predictor.discard_outputs()  # copied to -o already; the server's copy would outlive this process
+        with uninterrupted():
+            predictor.discard_outputs()  # copied to -o already; the server's copy would outlive this process
     return 0
 
 

@@ -55,6 +55,13 @@ class Request:
             )
         if request.negative_weight > 0 and not request.negative_prompt:
             problems.append(f"negative_weight={request.negative_weight:g} needs a negative_prompt")
+        if request.edit_strength != cls.edit_strength and not request.edit_prompt:
+            problems.append(f"edit_strength={request.edit_strength:g} needs an edit_prompt")
+        if request.animation_format != cls.animation_format and not (request.save_animation or request.is_sequence):
+            problems.append(
+                f"animation_format={request.animation_format} needs an animation: save_animation=true, "
+                "or a sequence (interpolate_to, or edit_prompt with interpolation_steps)"
+            )
         if request.mode == "embed":
             pictures_only = {
                 "num_outputs": request.num_outputs > 1,

@@ -38,7 +38,13 @@ class InputError(ValueError):
 
     def __init__(self, errors: list[dict]):
         self.errors = errors
-        super().__init__("; ".join(f"{error['loc'][-1]}: {error['msg']}" for error in errors))
+        super().__init__("; ".join(f"{error['loc'][-1]}: {_plain(error['msg'])}" for error in errors))
+
+
+def _plain(message: str) -> str:
+    """A 422 message in plain words where the schema's are cryptic: ``\\S`` means "not blank"."""
+    blank = re.fullmatch(r'(.*) does not match "\\S"', message, re.DOTALL)
+    return f"{blank[1]} is blank: give some text" if blank else message
 
 
 # -- the schema -----------------------------------------------------------------------------------

@@ -61,11 +61,14 @@ def validate_size(size: int, num_scales: int) -> None:
     if size % factor or size // factor < MIN_DEEPEST_SIZE:
         fitting = [n for n in range(1, num_scales) if size % 2**n == 0 and size // 2**n >= MIN_DEEPEST_SIZE]
         hint = f"at most num_scales={fitting[-1]} fits" if fitting else "no num_scales fits it"
-        raise ValueError(
-            f"num_scales={num_scales} does not fit size={size}: every scale halves the image, so size must be "
-            f"a multiple of 2**{num_scales}={factor} with at least {MIN_DEEPEST_SIZE} px left at the deepest "
-            f"level; {hint}"
-        )
+        if size % factor:
+            reason = f"{size} px cannot be halved {num_scales} times (it is not a multiple of 2**{num_scales}={factor})"
+        else:
+            reason = (
+                f"halving {size} px {num_scales} times leaves {size // factor} px at the deepest level, "
+                f"which needs at least {MIN_DEEPEST_SIZE}"
+            )
+        raise ValueError(f"num_scales={num_scales} does not fit size={size}: {reason}; {hint}")
 
 
 class DecorrelatedColoursToRGB(nn.Module):

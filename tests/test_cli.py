@@ -157,6 +157,10 @@ def test_impossible_num_scales_for_the_size_names_the_input(tmp_path, capsys):
         (["-i", "num_scales=8"], "num_scales=8 does not fit size=256"),
         (["-i", "interpolation_steps=4"], "interpolation_steps needs interpolate_to or edit_prompt"),
         (["-i", "image=@/no/such/picture.png"], "image: no such file: /no/such/picture.png"),
+        (["-i", "image=https://example.com/a.jpg"], "image: didp reads local files (-i image=@path)"),
+        (["-i", "image=data:image/png;base64,AAAA"], "a URL or data: URI works over HTTP"),
+        (["-i", "image="], "image: give a file: -i image=@path"),
+        (["-i", "image=@"], "image: give a file"),
     ],
 )
 def test_requests_that_cannot_work_are_refused_before_the_weights_load(tmp_path, capsys, args, message):
@@ -165,6 +169,19 @@ def test_requests_that_cannot_work_are_refused_before_the_weights_load(tmp_path,
     err = capsys.readouterr().err
     assert code == 2 and message in err and "setup failed" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_that_is_not_a_picture_is_refused_before_the_weights_load(tmp_path, capsys):
+    (tmp_path / "notes.png").write_text("not a picture")
+    args = ["-i", "prompt=x", "-i", f"image=@{tmp_path / 'notes.png'}", "--weights", str(tmp_path / "nowhere")]
+    code = main([*args, "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "image: not a PNG, JPEG or WebP file" in err and "setup failed" not in err
+
+
+def test_a_blank_prompt_is_refused_in_plain_words(tmp_path, capsys):
+    code, out, err = run(tmp_path, capsys, "-i", "prompt=   ")
+    assert code == 2 and out == "" and 'prompt: "   " is blank: give some text' in err
 
 
 def test_an_output_path_that_is_a_file_is_refused_before_the_weights_load(tmp_path, capsys):
@@ -222,4 +239,4 @@ def test_an_output_directory_that_cannot_be_made_is_a_clear_error(tmp_path, caps
     (tmp_path / "file").write_text("")
     code = main(["-i", "prompt=x", "--weights", "tiny", "-o", str(tmp_path / "file" / "sub")])
     err = capsys.readouterr().err
-    assert code == 1 and "file/sub" in err and "Traceback" not in err
+    assert code == 2 and "file/sub: Not a directory" in err and "Traceback" not in err

@@ -36,6 +36,10 @@ def test_targets_and_members(values, count, members, sequence):
         ({"interpolate_to": "a", "num_outputs": 2}, "num_outputs=2 cannot be combined with an interpolation"),
         ({"edit_prompt": "a", "interpolation_steps": 2, "num_outputs": 2}, "num_outputs=2 cannot be combined"),
         ({"negative_weight": 0.5}, "negative_weight=0.5 needs a negative_prompt"),
+        ({"edit_strength": 0.3}, "edit_strength=0.3 needs an edit_prompt"),
+        ({"edit_strength": 0.3, "edit_prompt": " "}, "edit_strength=0.3 needs an edit_prompt"),
+        ({"animation_format": "gif"}, "animation_format=gif needs an animation: save_animation=true, or a sequence"),
+        ({"animation_format": "gif", "edit_prompt": "a"}, "animation_format=gif needs an animation"),
         ({"mode": "embed", "num_outputs": 2}, "num_outputs makes pictures: it needs mode=visualize"),
         ({"mode": "embed", "save_animation": True}, "save_animation makes pictures: it needs mode=visualize"),
         (
@@ -53,6 +57,14 @@ def test_several_problems_are_reported_together():
     with pytest.raises(ValueError) as error:
         Request.check(interpolation_steps=3, negative_weight=0.2)
     assert "interpolation_steps needs" in str(error.value) and "negative_weight=0.2 needs" in str(error.value)
+
+
+def test_settings_at_their_defaults_or_with_what_they_need_pass():
+    assert Request.check(edit_strength=0.5, animation_format="webp").target_count == 1
+    assert Request.check(edit_prompt="at night", edit_strength=0.9).edit_strength == 0.9
+    assert Request.check(save_animation=True, animation_format="gif").animation_format == "gif"
+    assert Request.check(interpolate_to="a cat", animation_format="gif").animation_format == "gif"
+    assert Request.check(edit_prompt="a", interpolation_steps=2, animation_format="gif").is_sequence
 
 
 def test_embed_mode_takes_sequences_and_negative_prompts():

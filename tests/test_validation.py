@@ -62,8 +62,9 @@ def test_validate_inputs_raises_a_value_error_listing_every_problem():
     assert isinstance(raised.value, ValueError)
     assert str(raised.value) == (
         'iterations: 5000 is greater than the maximum of 1000; prompt: "" is shorter than 1 character; '
-        'prompt: "" does not match "\\S"'
+        'prompt: "" is blank: give some text'
     )
+    assert raised.value.errors[-1]["msg"] == '"" does not match "\\S"'  # the server's words, kept in errors
     assert raised.value.errors[0] == {
         "loc": ["body", "input", "iterations"],
         "msg": "5000 is greater than the maximum of 1000",

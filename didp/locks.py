@@ -1,0 +1,81 @@
+"""Advisory locks on directories: which are in use, known without pid files.
+
+A process holds an exclusive ``flock`` on a directory it works in for as long as it uses it. The
+kernel drops the lock when the process ends, however it ends (``kill -9`` and out-of-memory
+kills included), so a directory nobody holds was left behind and can be removed. Where ``flock``
+is missing (Windows) or refused (some network file systems), directories are not held and none
+is ever taken for abandoned.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+# A directory younger than this is never taken for abandoned: it may be between its mkdir and
+# its owner's lock.
+MIN_AGE_SECONDS = 60.0
+
+
+class DirectoryBusy(Exception):
+    """Another process holds the directory."""
+
+
+def hold(path: Path) -> int | None:
+    """Hold ``path`` (a directory) for this process: the returned descriptor keeps the lock until
+    ``release``; ``None`` where locks are not available. Raises ``DirectoryBusy`` if another
+    process (or another ``hold`` of this one) has it."""
+    fd = os.open(path, os.O_RDONLY)
+    if fcntl is None:
+        os.close(fd)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DirectoryBusy(str(path)) from None
+    except OSError:  # a file system without locks
+        os.close(fd)
+        return None
+    return fd
+
+
+def release(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+def remove_abandoned(root: Path, names: re.Pattern[str], min_age: float = MIN_AGE_SECONDS) -> list[Path]:
+    """Remove the directories in ``root`` whose names match ``names`` and that no process holds
+    (and that are older than ``min_age`` seconds); returns them. Symbolic links and files are
+    left alone, and so is everything where locks are not available."""
+    if fcntl is None or not root.is_dir():
+        return []
+    removed = []
+    now = time.time()
+    for path in sorted(root.iterdir()):
+        if not names.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            if now - path.stat().st_mtime < min_age:
+                continue
+            fd = hold(path)
+        except (DirectoryBusy, OSError):
+            continue
+        if fd is None:  # no locks here: cannot tell abandoned from in use
+            return removed
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            release(fd)
+        if not path.exists():
+            removed.append(path)
+    return removed
