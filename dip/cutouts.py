@@ -8,6 +8,8 @@ matmuls, with the same weights as ``F.interpolate(crop, mode="bicubic", antialia
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
@@ -123,6 +125,13 @@ class MakeCutouts(nn.Module):
         if self.augment is None:
             return cutouts
         seed = int(torch.randint(2**62, (), generator=self.generator))
-        with torch.random.fork_rng(devices=[]):
+        precision = nullcontext()
+        if cutouts.dtype == torch.float16:
+            # fp16 autocast (CUDA): the colour jitter's RGB -> HSV divides by small channel
+            # differences, and its backward overflows fp16 into NaN gradients that make the gradient
+            # scaler skip steps. The augmentations are elementwise and cheap: run them in float32.
+            cutouts = cutouts.float()
+            precision = torch.autocast(cutouts.device.type, enabled=False)
+        with torch.random.fork_rng(devices=[]), precision:
             torch.default_generator.manual_seed(seed)
             return self.augment(cutouts)

@@ -118,7 +118,8 @@ def visualise(
 
     ``target``: a CLIP image embedding ``[d]`` or ``[1, d]`` (any norm). ``clip`` must already
     be on ``device`` (default: CLIP's device). ``precision``: ``fp32``, ``bf16`` (autocast) or
-    ``fp16`` (CUDA only, autocast with gradient scaling); default per ``default_precision``.
+    ``fp16`` (autocast with gradient scaling: CUDA's default; on a CPU slow, but it checks
+    that path); default per ``default_precision``.
     ``negative`` (``[d]``, e.g. a CLIP text embedding) with ``negative_weight > 0`` makes the
     loss push away from it: ``d(cutout, target)^2 - negative_weight * d(cutout, negative)^2``.
     Everything is checked here, before the first frame is asked for; the work happens as
@@ -181,8 +182,6 @@ def visualise_batch(
     precision = default_precision(device) if precision is None else precision
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision='fp16' needs a CUDA device; use 'bf16' or 'fp32'")
     seeds = [int(seed) for seed in seeds]
     if not seeds:
         raise ValueError("seeds must hold at least one seed")
