@@ -47,7 +47,7 @@ from dip.loop import PRECISION_DTYPES, default_precision, visualise
 from dip.network import CHANNELS
 from dip.settings import DipSettings, resolve_seed
 from prior.clip import TextEncoding, takes_cpu_bf16_attention
-from prior.hardware import default_device
+from prior.hardware import configure_backends, default_device
 from prior.manipulate import interpolation_targets, text_diff_direction, text_diff_targets
 from prior.sampling import sample_image_embeds
 from prior.weights import load_models
@@ -196,6 +196,7 @@ class Predictor(BaseRunner):
     def setup(self) -> None:
         """Load CLIP and the prior once. Weights: ``DIDP_WEIGHTS`` (``laion``, ``tiny`` or a path)."""
         self.device = default_device()  # cuda:N, as CLIP's parameters will report it, not a bare cuda
+        configure_backends(self.device)
         if self.device.type == "cpu":
             log.warning("no CUDA device: running on the CPU, which is slow at full size")
         self.weights = os.environ.get("DIDP_WEIGHTS", "laion")

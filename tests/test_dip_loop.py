@@ -284,3 +284,19 @@ def test_a_bare_cuda_device_means_the_current_cuda_device_that_clip_reports(monk
 def test_default_device_is_the_cpu_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert default_device() == torch.device("cpu")
+
+
+def test_cuda_backends_tune_convolutions_and_keep_float32_exact():
+    from prior.hardware import configure_backends
+
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.benchmark, cudnn.conv.fp32_precision)
+    try:
+        cudnn.benchmark, cudnn.conv.fp32_precision = False, "tf32"  # PyTorch's defaults
+        configure_backends(torch.device("cpu"))
+        assert (cudnn.benchmark, cudnn.conv.fp32_precision) == (False, "tf32")
+        configure_backends(torch.device("cuda", 0))
+        assert (cudnn.benchmark, cudnn.conv.fp32_precision) == (True, "ieee")
+        assert torch.backends.cuda.matmul.fp32_precision in ("none", "ieee")  # matmuls: full float32 already
+    finally:
+        cudnn.benchmark, cudnn.conv.fp32_precision = saved
