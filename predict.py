@@ -207,8 +207,10 @@ class Predictor(BaseRunner):
         self.setup_seconds = time.perf_counter() - started
         if self.weights == "tiny":
             log.warning("DIDP_WEIGHTS=tiny: random models, a pipeline check whose images mean nothing")
+        if getattr(self, "run_dir", None) is not None:  # set up again: the last run's files go first
+            self._discard_run()
         self.run_dir: LocalPath | None = None
-        self.run_lock: int | None = None
+        self.run_lock: locks.Held | None = None
         with contextlib.suppress(OSError):
             if abandoned := locks.remove_abandoned(OUTPUT_ROOT, RUN_DIR):
                 log.info("removed %d directories left in %s by ended processes", len(abandoned), OUTPUT_ROOT)

@@ -61,7 +61,12 @@ def terminate_as_interrupt():
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, _handler(previous))
+
+
+def _handler(previous):
+    """A handler that ``signal.signal`` returned, as it can be set again (``None``: set outside Python)."""
+    return signal.SIG_DFL if previous is None else previous
 
 
 @contextlib.contextmanager
@@ -75,13 +80,14 @@ def uninterrupted():
         yield
         return
     arrived: list[int] = []
-    kinds = (signal.SIGINT, signal.SIGTERM)
-    previous = {kind: signal.signal(kind, lambda signum, frame: arrived.append(signum)) for kind in kinds}
+    previous = {}
     try:
+        for kind in (signal.SIGINT, signal.SIGTERM):  # one at a time: a signal between them finds its own restored
+            previous[kind] = signal.signal(kind, lambda signum, frame: arrived.append(signum))
         yield
     finally:
         for kind, handler in previous.items():
-            signal.signal(kind, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+            signal.signal(kind, _handler(handler))
         if arrived:
             signal.raise_signal(arrived[0])
 
@@ -111,10 +117,10 @@ def output_directory(path: Path):
     try:
         yield path
     finally:
-        release(lock)
-        if created:
+        if created:  # while still held: another run may take the directory once it is released
             with contextlib.suppress(OSError):
                 path.rmdir()  # only if empty
+        release(lock)
 
 
 def _predictor_inputs() -> dict:
@@ -154,7 +160,7 @@ def default_text(field) -> str:
     return "optional" if is_optional(field) else "required"
 
 
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|data:", re.ASCII)
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://|data:", re.ASCII | re.IGNORECASE)
 
 
 def _local_file(name: str, value: str) -> Path:
@@ -162,12 +168,12 @@ def _local_file(name: str, value: str) -> Path:
     text = value.removeprefix("@")
     if not text.strip():
         raise ValueError(f"{name}: give a file: -i {name}=@path")
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
     if _URL.match(text):
         raise ValueError(f"{name}: didp reads local files (-i {name}=@path); a URL or data: URI works over HTTP")
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise ValueError(f"{name}: no such file: {path}")
-    return path
+    raise ValueError(f"{name}: no such file: {path}")
 
 
 def check_before_setup(values: dict, fields: dict) -> None:
@@ -201,9 +207,10 @@ def local_files(values: dict, fields: dict):
             if field is None or field.type.primitive.name != "PATH" or value is None:
                 continue
             path = _local_file(name, value)
-            handle, copy = tempfile.mkstemp(suffix=path.suffix[:16])
-            os.close(handle)
-            copies.append(Path(copy))
+            with uninterrupted():  # every copy made is known to the clean-up
+                handle, copy = tempfile.mkstemp(suffix=path.suffix[:16])
+                os.close(handle)
+                copies.append(Path(copy))
             shutil.copyfile(path, copy)
             files[name] = CogPath(copy)
         yield {**values, **files}
@@ -268,8 +275,12 @@ class Progress:
             return f"{what}: nothing was written" + (f" to {self.output}" if self.output else "")
         if self.written[-1].name == "result.json":
             return f"{what} after the run had finished: its files are in {self.output}"
-        count = len(self.written)
-        return f"{what}: the run did not finish; the {count} files written so far are in {self.output} (no result.json)"
+        files = "the 1 file" if len(self.written) == 1 else f"the {len(self.written)} files"
+        return f"{what}: the run did not finish; {files} written so far are in {self.output} (no result.json)"
+
+
+# Exit codes of a run ended by a signal, as a shell reports a process killed by it.
+SIGNAL_EXIT_CODES = {130: signal.SIGINT, 143: signal.SIGTERM}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,6 +292,19 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt as interrupt:
             print(f"\n{progress.interrupted(interrupt)}", file=sys.stderr)
             return 143 if isinstance(interrupt, Terminated) else 130
+
+
+def console() -> None:
+    """The ``didp`` command: ``main``; a run that a signal ended, once cleaned up, ends the process by
+    that signal, so that a shell loop around ``didp`` stops at Ctrl-C as it does for other commands."""
+    code = main()
+    if code in SIGNAL_EXIT_CODES:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        kind = SIGNAL_EXIT_CODES[code]
+        signal.signal(kind, signal.SIG_DFL)
+        os.kill(os.getpid(), kind)
+    sys.exit(code)
 
 
 def _main(argv: list[str] | None, progress: Progress) -> int:
@@ -346,13 +370,19 @@ def _run(output: Path, values: dict, fields: dict, written: list[Path]) -> int:
             for produced in predictor.run(**run_values):
                 if replacing:  # only once the run has produced something: a refused run keeps the old files
                     replacing = False
-                    if earlier := remove_earlier_outputs(output):
+                    with uninterrupted():
+                        earlier = remove_earlier_outputs(output)
+                    if earlier:
                         print(f"replaced the {len(earlier)} files of an earlier run in {output}", file=sys.stderr)
                 target = output / Path(produced).name
-                with uninterrupted():  # a file in -o is whole
-                    shutil.copyfile(produced, target)
+                with uninterrupted():  # a file in -o is whole, counted and printed
+                    try:
+                        shutil.copyfile(produced, target)
+                    except BaseException:
+                        target.unlink(missing_ok=True)
+                        raise
                     written.append(target)
-                print(target, flush=True)
+                    print(target, flush=True)
     except ValueError as error:  # an input, or a combination of inputs, refused before any work
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -366,4 +396,4 @@ def _run(output: Path, values: dict, fields: dict, written: list[Path]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console()

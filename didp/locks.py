@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import time
+import weakref
 from pathlib import Path
 
 try:
@@ -29,10 +30,21 @@ class DirectoryBusy(Exception):
     """Another process holds the directory."""
 
 
-def hold(path: Path) -> int | None:
-    """Hold ``path`` (a directory) for this process: the returned descriptor keeps the lock until
-    ``release``; ``None`` where locks are not available. Raises ``DirectoryBusy`` if another
-    process (or another ``hold`` of this one) has it."""
+class Held:
+    """A directory held by this process until ``release``, or until this object is collected
+    (a dropped owner does not keep its directory held for the life of the process)."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path = path
+        self._close = weakref.finalize(self, os.close, fd)
+
+    def release(self) -> None:
+        self._close()  # at most once
+
+
+def hold(path: Path) -> Held | None:
+    """Hold ``path`` (a directory) for this process until ``release``; ``None`` where locks are not
+    available. Raises ``DirectoryBusy`` if another process (or another ``hold`` in this one) has it."""
     fd = os.open(path, os.O_RDONLY)
     if fcntl is None:
         os.close(fd)
@@ -45,12 +57,15 @@ def hold(path: Path) -> int | None:
     except OSError:  # a file system without locks
         os.close(fd)
         return None
-    return fd
-
-
-def release(fd: int | None) -> None:
-    if fd is not None:
+    except BaseException:
         os.close(fd)
+        raise
+    return Held(path, fd)
+
+
+def release(held: Held | None) -> None:
+    if held is not None:
+        held.release()
 
 
 def remove_abandoned(root: Path, names: re.Pattern[str], min_age: float = MIN_AGE_SECONDS) -> list[Path]:
@@ -67,15 +82,15 @@ def remove_abandoned(root: Path, names: re.Pattern[str], min_age: float = MIN_AG
         try:
             if now - path.stat().st_mtime < min_age:
                 continue
-            fd = hold(path)
+            held = hold(path)
         except (DirectoryBusy, OSError):
             continue
-        if fd is None:  # no locks here: cannot tell abandoned from in use
+        if held is None:  # no locks here: cannot tell abandoned from in use
             return removed
         try:
             shutil.rmtree(path, ignore_errors=True)
         finally:
-            release(fd)
+            release(held)
         if not path.exists():
             removed.append(path)
     return removed

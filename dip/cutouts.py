@@ -129,7 +129,7 @@ class MakeCutouts(nn.Module):
         if cutouts.dtype == torch.float16:
             # fp16 autocast (CUDA): the colour jitter's RGB -> HSV divides by small channel
             # differences, and its backward overflows fp16 into NaN gradients that make the gradient
-            # scaler skip steps. The augmentations are elementwise and cheap: run them in float32.
+            # scaler skip steps. The augmentations (colour, flips, small warps) are cheap: run them in float32.
             cutouts = cutouts.float()
             precision = torch.autocast(cutouts.device.type, enabled=False)
         with torch.random.fork_rng(devices=[]), precision:

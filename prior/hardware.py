@@ -21,14 +21,18 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_device(device: torch.device | str) -> torch.device:
-    """``device`` as its tensors report it: a bare ``cuda`` is the current CUDA device, ``cuda:0``.
+    """``device`` as its tensors report it: a bare ``cuda`` is the current CUDA device, ``cuda:0``;
+    ``cpu:0`` is ``cpu``.
 
     ``torch.device("cuda") != torch.device("cuda:0")``, yet tensors moved to the former report
     the latter; comparing a module's device with a requested one needs both resolved.
     """
     device = torch.device(device)
-    if device.index is None and device.type == "cuda" and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cpu":
+        return torch.device("cpu")  # "cpu:0" too: CPU tensors report a bare "cpu"
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.xpu
+    if device.index is None and hasattr(backend, "current_device") and backend.is_available():
+        return torch.device(device.type, backend.current_device())
     return device
 
 

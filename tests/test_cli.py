@@ -240,3 +240,11 @@ def test_an_output_directory_that_cannot_be_made_is_a_clear_error(tmp_path, caps
     code = main(["-i", "prompt=x", "--weights", "tiny", "-o", str(tmp_path / "file" / "sub")])
     err = capsys.readouterr().err
     assert code == 2 and "file/sub: Not a directory" in err and "Traceback" not in err
+
+
+def test_a_local_file_named_like_a_data_uri_is_read_as_a_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "data:x.png")
+    code = main(["-i", "prompt=x", "-i", "image=@data:x.png", "--weights", str(tmp_path / "nowhere"), "-o", "out"])
+    err = capsys.readouterr().err
+    assert code == 1 and "setup failed" in err  # the picture was accepted; only the weights are missing

@@ -4,10 +4,12 @@ directories left by a killed process (removed at the next setup)."""
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,30 +23,77 @@ RUN_DIR = re.compile(r"run-[0-9a-f]{16}")
 LONG_RUN = ["-i", "prompt=a red cube", "-i", "iterations=500", "-i", "display_freq=1", "-i", "num_scales=4"]
 
 
-def start_didp(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path, Path]:
-    """``didp`` on the tiny models in a process of its own, with its own temporary directory
-    (where the server would find its downloaded inputs and ``didp-outputs/``)."""
+class Watched:
+    """A process whose stdout and stderr lines are read as they come, by threads, so that waiting
+    for a line has a deadline and no pipe fills up."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process = process
+        self.queues = {"out": queue.Queue(), "err": queue.Queue()}
+        self.lines: dict[str, list[str]] = {"out": [], "err": []}
+        self.threads = [
+            threading.Thread(target=self._pump, args=(pipe, self.queues[name]), daemon=True)
+            for name, pipe in (("out", process.stdout), ("err", process.stderr))
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    @staticmethod
+    def _pump(pipe, lines: queue.Queue) -> None:
+        for line in pipe:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    def wait_for(self, stream: str, pattern: str, timeout: float = 120.0) -> None:
+        """Read ``stream`` ("out" or "err") up to a line matching ``pattern``."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.queues[stream].get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.lines[stream].append(line)
+            if re.search(pattern, line):
+                return
+        self.process.kill()
+        raise AssertionError(f"no line matching {pattern!r} in std{stream}: {self.finish()}")
+
+    def finish(self, timeout: float = 120.0) -> tuple[int, list[str], str]:
+        """The exit code (negative: the signal that ended it), stdout's lines and stderr's text."""
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        for thread in self.threads:
+            thread.join(10)
+        for name, lines in self.queues.items():
+            while (line := lines.get_nowait() if not lines.empty() else None) is not None:
+                self.lines[name].append(line)
+        return self.process.returncode, self.lines["out"], "\n".join(self.lines["err"])
+
+
+def start_didp(tmp_path: Path, *args: str) -> tuple[Watched, Path, Path]:
+    """``didp`` (the command, as the shell runs it) on the tiny models in a process of its own, on
+    the CPU, with its own temporary directory (where the server would find its downloaded inputs
+    and ``didp-outputs/``), with Ctrl-C handled even if this test runs where SIGINT is ignored."""
     temp, out = tmp_path / "temp", tmp_path / "out"
     temp.mkdir()
     env = {**os.environ, "TMPDIR": str(temp), "DIDP_WEIGHTS": "tiny", "PYTHONPATH": str(ROOT)}
+    env.update(CUDA_VISIBLE_DEVICES="")
     env.pop("DIDP_OUTPUT_DIR", None)
     command = [sys.executable, "-m", "didp.cli", *args, "-o", str(out)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return process, temp, out
-
-
-def wait_for_line(process: subprocess.Popen, pattern: str, timeout: float = 120.0) -> list[str]:
-    """stdout lines up to the first one that matches ``pattern``."""
-    lines, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line.strip())
-        if re.search(pattern, line):
-            return lines
-    process.kill()
-    raise AssertionError(f"no line matching {pattern!r}; got {lines} and {process.communicate()}")
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    return Watched(process), temp, out
 
 
 def left_in(temp: Path) -> list[str]:
@@ -57,21 +106,18 @@ def left_in(temp: Path) -> list[str]:
     )
 
 
-@pytest.mark.parametrize(
-    ("kind", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
-)
-def test_didp_stopped_mid_run_keeps_whole_files_and_leaves_no_temporary_ones(tmp_path, kind, code, word):
+@pytest.mark.parametrize(("kind", "word"), [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")])
+def test_didp_stopped_mid_run_keeps_whole_files_and_leaves_no_temporary_ones(tmp_path, kind, word):
     picture = tmp_path / "picture.png"
     Image.new("RGB", (64, 48), (200, 40, 40)).save(picture)
-    process, temp, out = start_didp(tmp_path, *LONG_RUN, "-i", f"image=@{picture}")
-    printed = wait_for_line(process, r"step_0002\.png")
-    process.send_signal(kind)
-    rest, err = process.communicate(timeout=120)
-    printed += rest.split()
-    assert process.returncode == code, err
+    run, temp, out = start_didp(tmp_path, *LONG_RUN, "-i", f"image=@{picture}")
+    run.wait_for("out", r"step_0002\.png")
+    run.process.send_signal(kind)
+    code, printed, err = run.finish()
+    assert code == -kind, err  # ended by the signal, as a shell loop around didp needs to stop
     assert "Traceback" not in err
     assert f"{word}: the run did not finish; the {len(printed)} files written so far are in {out}" in err
-    assert sorted(p.name for p in out.iterdir()) == sorted(Path(p).name for p in printed)
+    assert sorted(p.name for p in out.iterdir()) == sorted(Path(p).name for p in printed)  # each printed
     assert "result.json" not in {p.name for p in out.iterdir()}
     for png in out.glob("*.png"):
         assert Image.open(png).size == (256, 256)  # whole files only
@@ -79,23 +125,34 @@ def test_didp_stopped_mid_run_keeps_whole_files_and_leaves_no_temporary_ones(tmp
 
 
 def test_didp_stopped_during_setup_says_nothing_was_written(tmp_path):
-    process, temp, out = start_didp(tmp_path, *LONG_RUN)
-    first = process.stderr.readline()  # setup's first words: the models are not loaded yet
-    assert "no CUDA device" in first, first
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 143 and "Traceback" not in err, err
-    assert f"terminated: nothing was written to {out}" in err
+    run, temp, out = start_didp(tmp_path, *LONG_RUN)
+    run.wait_for("err", "no CUDA device")  # setup's first words: the models are not loaded yet
+    run.process.send_signal(signal.SIGTERM)
+    code, printed, err = run.finish()
+    assert code == -signal.SIGTERM and "Traceback" not in err, err
+    assert printed == [] and f"terminated: nothing was written to {out}" in err
     assert not out.exists() and left_in(temp) == []  # the directory made for the run is gone too
+
+
+def test_main_returns_the_shells_exit_codes_for_signals():
+    from didp.cli import SIGNAL_EXIT_CODES, Progress, Terminated
+
+    assert SIGNAL_EXIT_CODES == {130: signal.SIGINT, 143: signal.SIGTERM}
+    progress = Progress(output=Path("out"), written=[Path("out/text_tokens.npy")])
+    assert progress.interrupted(KeyboardInterrupt()) == (
+        "interrupted: the run did not finish; the 1 file written so far are in out (no result.json)"
+    )
+    progress.written.append(Path("out/result.json"))
+    assert progress.interrupted(Terminated()) == "terminated after the run had finished: its files are in out"
 
 
 def test_a_run_directory_left_by_a_killed_process_is_removed_at_the_next_setup(tmp_path, monkeypatch):
     import predict
 
-    process, temp, _ = start_didp(tmp_path, *LONG_RUN)
-    wait_for_line(process, r"step_0001\.png")
-    process.kill()  # SIGKILL: no clean-up runs
-    process.communicate()
+    run, temp, _ = start_didp(tmp_path, *LONG_RUN)
+    run.wait_for("out", r"step_0001\.png")
+    run.process.kill()  # SIGKILL: no clean-up runs
+    run.finish()
     root = temp / "didp-outputs"
     (left,) = root.iterdir()
     assert RUN_DIR.fullmatch(left.name) and (left / "step_0001.png").is_file()
@@ -110,7 +167,7 @@ def test_a_run_directory_left_by_a_killed_process_is_removed_at_the_next_setup(t
         os.utime(path, (old, old))
     code = (
         "import sys, pathlib\nfrom didp import locks\n"
-        "locks.hold(pathlib.Path(sys.argv[1]))\nprint('held', flush=True)\nsys.stdin.read()"
+        "held = locks.hold(pathlib.Path(sys.argv[1]))\nprint('held', flush=True)\nsys.stdin.read()"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     holder = subprocess.Popen(
@@ -151,3 +208,16 @@ def test_remove_abandoned_leaves_links_files_and_held_directories(tmp_path):
     )
     assert (target / "keep.txt").read_text() == "keep"
     assert locks.remove_abandoned(root, RUN_DIR, min_age=0) == [held]  # released: now abandoned
+
+
+def test_a_dropped_hold_releases_its_directory(tmp_path):
+    import gc
+
+    held = locks.hold(tmp_path)
+    with pytest.raises(locks.DirectoryBusy):
+        locks.hold(tmp_path)
+    del held
+    gc.collect()
+    again = locks.hold(tmp_path)  # free: the dropped owner's descriptor was closed
+    locks.release(again)
+    locks.release(again)  # twice is harmless
