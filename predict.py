@@ -199,9 +199,8 @@ class Predictor(BaseRunner):
         configure_backends(self.device)
         if self.device.type == "cpu":
             log.warning("no CUDA device: running on the CPU, which is slow at full size")
-        self.weights = os.environ.get("DIDP_WEIGHTS", "laion")
-        if self.device.type == "cpu":
             keep_freed_memory()  # the visualiser's large tensors reuse the heap instead of page-faulting
+        self.weights = os.environ.get("DIDP_WEIGHTS", "laion")
         started = time.perf_counter()
         self.models = load_models(self.weights, self.device)
         self.setup_seconds = time.perf_counter() - started

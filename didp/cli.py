@@ -349,12 +349,13 @@ def _main(argv: list[str] | None, progress: Progress) -> int:
             print(f"error: -o {args.output}: {error.strerror or error}", file=sys.stderr)
             return 2
         progress.output = args.output
-        return _run(args.output, values, fields, progress.written)
+        return _run(values, fields, progress)
 
 
-def _run(output: Path, values: dict, fields: dict, written: list[Path]) -> int:
-    """Set up the predictor and run it once, copying its files to ``output`` as they come (each
-    one, once whole, appended to ``written``)."""
+def _run(values: dict, fields: dict, progress: Progress) -> int:
+    """Set up the predictor and run it once, copying its files to ``progress.output`` as they come
+    (each one, once whole, recorded in ``progress.written``)."""
+    output = progress.output
     from predict import Predictor
 
     predictor = Predictor()
@@ -381,7 +382,7 @@ def _run(output: Path, values: dict, fields: dict, written: list[Path]) -> int:
                     except BaseException:
                         target.unlink(missing_ok=True)
                         raise
-                    written.append(target)
+                    progress.written.append(target)
                     print(target, flush=True)
     except ValueError as error:  # an input, or a combination of inputs, refused before any work
         print(f"error: {error}", file=sys.stderr)

@@ -31,11 +31,10 @@ class DirectoryBusy(Exception):
 
 
 class Held:
-    """A directory held by this process until ``release``, or until this object is collected
-    (a dropped owner does not keep its directory held for the life of the process)."""
+    """A directory's descriptor, holding its lock until ``release``, or until this object is
+    collected (a dropped owner does not keep its directory held for the life of the process)."""
 
-    def __init__(self, path: Path, fd: int):
-        self.path = path
+    def __init__(self, fd: int):
         self._close = weakref.finalize(self, os.close, fd)
 
     def release(self) -> None:
@@ -45,22 +44,19 @@ class Held:
 def hold(path: Path) -> Held | None:
     """Hold ``path`` (a directory) for this process until ``release``; ``None`` where locks are not
     available. Raises ``DirectoryBusy`` if another process (or another ``hold`` in this one) has it."""
-    fd = os.open(path, os.O_RDONLY)
     if fcntl is None:
-        os.close(fd)
         return None
+    fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except BaseException as error:
         os.close(fd)
-        raise DirectoryBusy(str(path)) from None
-    except OSError:  # a file system without locks
-        os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
+        if isinstance(error, BlockingIOError):
+            raise DirectoryBusy(str(path)) from None
+        if isinstance(error, OSError):  # a file system without locks
+            return None
         raise
-    return Held(path, fd)
+    return Held(fd)
 
 
 def release(held: Held | None) -> None:

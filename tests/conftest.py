@@ -3,6 +3,9 @@ predictor on the tiny models, in this process and behind the real Cog server."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -87,6 +90,11 @@ def small_clip_model():
 @pytest.fixture(scope="module")
 def predictor():
     """``predict.Predictor`` set up in this process on the tiny models, with the default memory budget."""
+    return tiny_predictor()
+
+
+def tiny_predictor():
+    """A ``predict.Predictor`` set up on the tiny models, with the default memory budget."""
     import predict
 
     with pytest.MonkeyPatch.context() as patch:
@@ -120,3 +128,23 @@ def server(output_dir, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     with CogServer(weights="tiny", output_dir=output_dir, log_path=log_path) as running:
         yield running
+
+
+@contextlib.contextmanager
+def held_by_another_process(directory: Path):
+    """``directory`` held (``didp.locks.hold``) by another process until the block ends, as a
+    running ``didp`` holds its ``-o`` and the predictor its run directory."""
+    code = (
+        "import sys, pathlib\nfrom didp import locks\n"
+        "held = locks.hold(pathlib.Path(sys.argv[1]))\nprint('held', flush=True)\nsys.stdin.read()"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(directory)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield
+    finally:
+        holder.communicate("")  # ends the holder
+    assert holder.returncode == 0

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import held_by_another_process
 from PIL import Image
 
 from didp.cli import main
@@ -198,33 +199,14 @@ def test_missing_weights_fail_with_a_clear_message(tmp_path, capsys):
 
 
 def test_a_run_into_a_directory_another_run_is_writing_to_is_refused(tmp_path, capsys):
-    import subprocess
-    import sys
-
     out = tmp_path / "out"
     out.mkdir()
     (out / "result.json").write_text("the other run's")
-    holder = subprocess.Popen(  # another process holding the directory as a run does
-        [
-            sys.executable,
-            "-c",
-            "import sys, pathlib; from didp.cli import output_directory\n"
-            "with output_directory(pathlib.Path(sys.argv[1])):\n print('holding', flush=True); sys.stdin.read()",
-            str(out),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline() == "holding\n"
+    with held_by_another_process(out):
         code = main(["-i", "prompt=x", "--weights", str(tmp_path / "no-weights"), "-o", str(out)])
         err = capsys.readouterr().err
         assert code == 2 and "another didp run is writing there" in err and "setup failed" not in err
         assert (out / "result.json").read_text() == "the other run's"
-    finally:
-        holder.communicate("")  # ends the holder
-    assert holder.returncode == 0
     code, _, _ = run(out, capsys, "-i", "prompt=x", "-i", "mode=embed", "-i", "prior_steps=8")
     assert code == 0 and (out / "text_embedding.npy").is_file()  # free again once the other run ended
 

@@ -5,42 +5,24 @@ small size: on a CPU, fp16 convolutions at the predictor's 256 px take minutes."
 
 from __future__ import annotations
 
-import inspect
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_predictor, tiny_predictor
 
 
 @pytest.fixture(scope="module")
 def gpu_precisions():
-    """``predict.Predictor`` on the tiny models, set up with CUDA's precisions."""
-    import dip.loop
-    import predict
+    """``predict.Predictor`` on the tiny models, set up with CUDA's prior precision."""
     import prior.weights
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DIDP_WEIGHTS", "tiny")
-        patch.delenv("DIDP_MEMORY_BUDGET_MB", raising=False)
         patch.setattr(prior.weights, "default_prior_dtype", lambda device: torch.float16)
-        patch.setattr(dip.loop, "default_precision", lambda device: "fp16")
-        patch.setattr(predict, "default_precision", lambda device: "fp16")
-        instance = predict.Predictor()
-        instance.record_metric = lambda name, value: None
-        instance.setup()
-        yield instance
-        instance.discard_outputs()
-
-
-def run(predictor, **inputs) -> tuple[list, dict]:
-    defaults = {
-        name: getattr(parameter.default, "default", parameter.default)
-        for name, parameter in inspect.signature(predictor.run).parameters.items()
-    }
-    files = list(predictor.run(**{**defaults, "mode": "embed", "prior_steps": 16, "seed": 5, **inputs}))
-    return files, json.loads(Path(files[-1]).read_text())
+        instance = tiny_predictor()
+    yield instance
+    instance.discard_outputs()
 
 
 @pytest.mark.parametrize(
@@ -53,8 +35,9 @@ def run(predictor, **inputs) -> tuple[list, dict]:
 )
 def test_the_prior_side_runs_in_fp16_and_gives_unit_float32_embeddings(gpu_precisions, inputs):
     assert gpu_precisions.models.prior.net.dtype == torch.float16
-    files, result = run(gpu_precisions, prompt="a lighthouse", **inputs)
-    embeddings = [np.load(path) for path in files if str(path).endswith(".npy")][1:]  # after the tokens
+    files = run_predictor(gpu_precisions, mode="embed", prior_steps=16, seed=5, **inputs)
+    result = json.loads(files[-1].read_text())
+    embeddings = [np.load(path) for path in files if path.suffix == ".npy"][1:]  # after the tokens
     for embedding in embeddings:
         assert embedding.dtype == np.float32 and np.isfinite(embedding).all()
         np.testing.assert_allclose(np.linalg.norm(embedding, axis=-1), 1.0, atol=1e-5)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import held_by_another_process
 from PIL import Image
 
 from didp import locks
@@ -165,22 +166,11 @@ def test_a_run_directory_left_by_a_killed_process_is_removed_at_the_next_setup(t
         path.mkdir()
     for path in (live, mine):
         os.utime(path, (old, old))
-    code = (
-        "import sys, pathlib\nfrom didp import locks\n"
-        "held = locks.hold(pathlib.Path(sys.argv[1]))\nprint('held', flush=True)\nsys.stdin.read()"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    holder = subprocess.Popen(
-        [sys.executable, "-c", code, str(live)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with held_by_another_process(live):
         monkeypatch.setattr(predict, "OUTPUT_ROOT", root)
         monkeypatch.setenv("DIDP_WEIGHTS", "tiny")
         predict.Predictor().setup()
         assert sorted(p.name for p in root.iterdir()) == sorted([live.name, young.name, mine.name])
-    finally:
-        holder.communicate("")
 
 
 def test_remove_abandoned_leaves_links_files_and_held_directories(tmp_path):
