@@ -44,13 +44,13 @@ bench-quick: $(STAMP)
 PORT ?= 5000
 DIDP_WEIGHTS ?= tiny
 serve: $(STAMP)
-	$(PY) -m didp.schema
+	$(PY) -m commands.cog_schema
 	PATH="$(abspath $(VENV))/bin:$$PATH" PYTHONPATH=. PORT=$(PORT) DIDP_WEIGHTS=$(DIDP_WEIGHTS) \
 		COG_PREDICT_TYPE_STUB=predict.py:Predictor $(PY) -m cog.server.http --host 127.0.0.1
 
 schema: $(STAMP)
-	$(PY) -m didp.schema
-	$(PY) -m didp.docs --write
+	$(PY) -m commands.cog_schema
+	$(PY) -m commands.readme_table --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

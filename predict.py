@@ -38,16 +38,16 @@ from cog import BaseRunner, CancelationException, Input, Path, streaming
 from PIL import Image
 from tqdm import tqdm
 
-from didp import locks
-from didp.allocator import keep_freed_memory, release_freed_memory
-from didp.media import clip_image_tensor, load_image, write_animation
-from didp.request import Request
+from backbone.clip import TextEncoding, takes_cpu_bf16_attention
+from backbone.hardware import configure_backends, default_device
 from dip import visualise_batch
 from dip.loop import PRECISION_DTYPES, default_precision, visualise
 from dip.network import CHANNELS
 from dip.settings import DipSettings, resolve_seed
-from prior.clip import TextEncoding, takes_cpu_bf16_attention
-from prior.hardware import configure_backends, default_device
+from pipeline import locks
+from pipeline.allocator import keep_freed_memory, release_freed_memory
+from pipeline.media import clip_image_tensor, load_image, write_animation
+from pipeline.request import Request
 from prior.manipulate import interpolation_targets, text_diff_direction, text_diff_targets
 from prior.sampling import sample_image_embeds
 from prior.weights import load_models
@@ -55,7 +55,7 @@ from prior.weights import load_models
 log = logging.getLogger("didp")
 
 OUTPUT_ROOT = LocalPath(os.environ.get("DIDP_OUTPUT_DIR", LocalPath(tempfile.gettempdir()) / "didp-outputs"))
-# A run's directory in OUTPUT_ROOT. It is held (didp.locks) while it exists; one left by a killed
+# A run's directory in OUTPUT_ROOT. It is held (pipeline.locks) while it exists; one left by a killed
 # process is removed at the next setup.
 RUN_DIR = re.compile(r"run-[0-9a-f]{16}")
 MAX_SEED = 100_000
@@ -69,7 +69,7 @@ MAX_ANIMATION_PIXELS = 100_000_000
 DIP_FLOATS_PER_PIXEL = 12 * CHANNELS  # per pixel of each level of the network (levels: 1, 1/4, ...)
 CUTOUT_FLOATS_PER_PIXEL = 48 * 3  # per pixel of each cutout: cropping, resizing, augmentations
 VIT_FLOATS_PER_TOKEN = 16  # per token, unit of width and layer of CLIP's vision transformer
-# bf16 attention on the CPU (prior.clip.takes_cpu_bf16_attention) keeps each layer's scores for
+# bf16 attention on the CPU (backbone.clip.takes_cpu_bf16_attention) keeps each layer's scores for
 # the backward pass, tokens x tokens per head: the fp32 softmax and its bf16 copy, and room for
 # the logits in flight (flash kernels, on CUDA and in fp32, keep none)
 ATTENTION_BYTES_PER_SCORE = 4 + 2 + 2

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from backbone.clip import ClipEncoder, build_clip
 from dip import DipSettings, default_precision, visualise, visualise_batch
 from dip.network import INPUT_CHANNELS, build_network
-from prior.clip import ClipEncoder, build_clip
 from prior.factory import random_models
 
 SETTINGS = DipSettings(size=256, num_scales=6, num_cutouts=8, seed=0)

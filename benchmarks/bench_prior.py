@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import LAION_PRIOR, oracle_prior  # noqa: E402
 
-from prior.clip import TextEncoding  # noqa: E402
+from backbone.clip import TextEncoding  # noqa: E402
 from prior.config import PriorConfig  # noqa: E402
 from prior.model import PriorNetwork  # noqa: E402
 from prior.sampling import make_denoiser, sample_image_embeds  # noqa: E402

@@ -4,7 +4,7 @@
 
 Each ``benchmarks/bench_<name>.py`` has ``run(quick: bool) -> dict[str, float]`` returning
 figures named ``<name>.<figure>``. Ratios are measured within the same run. The process's
-allocator is set up as the served predictor's is (``didp.allocator.keep_freed_memory``).
+allocator is set up as the served predictor's is (``pipeline.allocator.keep_freed_memory``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from didp.allocator import keep_freed_memory  # noqa: E402 (after the path set-up)
+from pipeline.allocator import keep_freed_memory  # noqa: E402 (after the path set-up)
 
 
 def available() -> list[str]:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prior.hardware import compute_dtype
+from backbone.hardware import compute_dtype
 
 TILE_PIXELS = 8192  # the largest tile
 TILE_WIDTH = 128  # its largest width

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from madgrad import MADGRAD
 
-from prior.clip import ClipEncoder
-from prior.hardware import cpu_has_native_bf16, resolve_device
+from backbone.clip import ClipEncoder
+from backbone.hardware import cpu_has_native_bf16, resolve_device
 
 from .cutouts import MakeCutouts
 from .loss import spherical_distance
@@ -72,7 +72,7 @@ def default_precision(device: torch.device) -> str:
     once its fp32 linears ran on oneDNN), and ended 30 steps within 0.001 to 0.010 of fp32's
     similarity to the target (``dip.bf16_speedup_b32``, ``dip.bf16_similarity_gap``; the target
     is at most 0.02). It needs CLIP's attention to run
-    sequence-first (``prior.clip``): open_clip's batch-first ``nn.MultiheadAttention`` expands
+    sequence-first (``backbone.clip``): open_clip's batch-first ``nn.MultiheadAttention`` expands
     its weights per token while training, which made CLIP's backward four times slower in bf16.
     """
     if device.type == "cuda":

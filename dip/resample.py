@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prior.hardware import compute_dtype
+from backbone.hardware import compute_dtype
 
 # The 8-tap cubic (a = -0.5) kernel sampled at half-pixel offsets for a factor of 2.
 CUBIC_KERNEL = (

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .clip import ClipEncoder, build_clip
+from backbone.clip import ClipEncoder, build_clip
+
 from .config import PriorConfig, named_config
 from .model import PriorNetwork
 from .schedule import NoiseSchedule

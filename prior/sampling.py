@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .clip import TextEncoding
+from backbone.clip import TextEncoding
+
 from .model import PrefixCache, PriorNetwork
 from .schedule import NoiseSchedule, strided_timesteps
 

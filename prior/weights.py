@@ -26,11 +26,12 @@ from urllib.parse import urlparse
 
 import torch
 
+from backbone.clip import ClipEncoder, clip_model, openai_clip_config
+from backbone.hardware import cpu_has_native_bf16
+
 from .checkpoint import PREFIXES, Checkpoint, CheckpointError, check_shapes, materialize, save_safetensors
-from .clip import ClipEncoder, clip_model, openai_clip_config
 from .config import PriorConfig
 from .factory import Models, Prior, random_models
-from .hardware import cpu_has_native_bf16
 from .model import PriorNetwork
 from .schedule import NoiseSchedule
 

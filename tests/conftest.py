@@ -109,7 +109,7 @@ def tiny_predictor():
 def run_predictor(predictor, **inputs) -> list[Path]:
     """The files of one run of ``predictor`` (prompt "a lighthouse" unless given), inputs checked as the
     server checks them."""
-    from didp.validation import validate_inputs
+    from pipeline.validation import validate_inputs
 
     return [Path(p) for p in predictor.run(**validate_inputs({"prompt": "a lighthouse", **inputs}))]
 
@@ -132,10 +132,10 @@ def server(output_dir, tmp_path_factory):
 
 @contextlib.contextmanager
 def held_by_another_process(directory: Path):
-    """``directory`` held (``didp.locks.hold``) by another process until the block ends, as a
+    """``directory`` held (``pipeline.locks.hold``) by another process until the block ends, as a
     running ``didp`` holds its ``-o`` and the predictor its run directory."""
     code = (
-        "import sys, pathlib\nfrom didp import locks\n"
+        "import sys, pathlib\nfrom pipeline import locks\n"
         "held = locks.hold(pathlib.Path(sys.argv[1]))\nprint('held', flush=True)\nsys.stdin.read()"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from didp.allocator import keep_freed_memory, release_freed_memory
+from pipeline.allocator import keep_freed_memory, release_freed_memory
 
 NBYTES = 64 * 2**20  # over glibc's largest mmap threshold (32 MB), like the network's 50 MB tensors at 256 px
 WARM_UP = 12  # the heap first grows by a few tensors' sizes (posix_memalign's slack) before it reuses them

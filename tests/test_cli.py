@@ -10,7 +10,7 @@ import pytest
 from conftest import held_by_another_process
 from PIL import Image
 
-from didp.cli import main
+from commands.didp import main
 
 FAST = [
     "-i",

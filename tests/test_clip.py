@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prior.checkpoint import Checkpoint, save_safetensors
-from prior.clip import (
+from backbone.clip import (
     ONEDNN_MIN_ELEMENTS,
     Linear,
     PatchEmbedding,
@@ -23,6 +22,7 @@ from prior.clip import (
     linear,
     openai_clip_config,
 )
+from prior.checkpoint import Checkpoint, save_safetensors
 from prior.weights import load_clip
 
 with warnings.catch_warnings():
@@ -188,12 +188,12 @@ def test_cpu_bf16_attention_is_as_precise_as_the_flash_kernel(tokens, logit_std)
 
 
 def test_the_encoder_takes_the_bf16_attention_on_the_cpu_and_sdpa_otherwise(encoders, monkeypatch):
-    import prior.clip
+    import backbone.clip
 
     _, ours = encoders
     calls = []
-    real = prior.clip.cpu_bf16_attention
-    monkeypatch.setattr(prior.clip, "cpu_bf16_attention", lambda *a: calls.append(1) or real(*a))
+    real = backbone.clip.cpu_bf16_attention
+    monkeypatch.setattr(backbone.clip, "cpu_bf16_attention", lambda *a: calls.append(1) or real(*a))
     images = ours.normalize(torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():
         fp32 = F.normalize(ours.encode_image(images), dim=-1)

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from didp import schema as cog_schema
+from commands import cog_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 # the cog tool's JSON schema for cog.yaml (replicate/cog, pkg/config/data/, commit of 2026-08-21)
@@ -80,7 +80,7 @@ def test_committed_openapi_schema_is_current():
     committed = cog_schema.SCHEMA_PATH.read_text() if cog_schema.SCHEMA_PATH.exists() else None
     assert committed == expected, (
         ".cog/openapi_schema.json is missing or stale (predict.py's inputs or outputs changed): "
-        "run `python -m didp.schema` and commit the result"
+        "run `python -m commands.cog_schema` and commit the result"
     )
 
 
@@ -88,7 +88,7 @@ def test_check_command_fails_on_a_stale_file(tmp_path, capsys):
     stale = tmp_path / "openapi_schema.json"
     stale.write_text(cog_schema.render().replace('"maximum":1000', '"maximum":999'))
     assert cog_schema.main(["--check", "--path", str(stale)]) == 1
-    assert "run `python -m didp.schema`" in capsys.readouterr().err
+    assert "run `python -m commands.cog_schema`" in capsys.readouterr().err
     assert cog_schema.main(["--path", str(stale)]) == 0
     assert cog_schema.main(["--check", "--path", str(stale)]) == 0
 

@@ -25,7 +25,7 @@ def target(clip, seed: int) -> torch.Tensor:
 def test_each_picture_of_a_batch_is_the_run_of_its_own_seed(clip):
     """fp32. The only difference is the rounding of CLIP's matmuls over 12 cutouts instead of 4:
     over 4, some of the tiny CLIP's linears are too small for oneDNN and run as ``F.linear``
-    (``prior.clip.linear``), 1e-6 apart. The pictures of steps 1 and 2 agree within 1e-4 and the
+    (``backbone.clip.linear``), 1e-6 apart. The pictures of steps 1 and 2 agree within 1e-4 and the
     metrics of every step within 1e-5. MADGRAD scales each weight's step by that weight's own
     gradient history, so early on a weight with a near-zero gradient steps on its rounding: by
     step 3 the pictures were up to 1e-3 apart (measured up to 9.7e-4), so within 2e-3 there."""

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import dip.loop
+from backbone.hardware import default_device, resolve_device
 from dip import DipSettings, Frame, default_precision, is_display_step, visualise
 from dip.network import offset_parameters
 from prior.factory import random_models
-from prior.hardware import default_device, resolve_device
 
 # Small and fast: 32 px, 3 scales, 4 cutouts. Each step takes well under 0.1 s on 2 cores.
 SMALL = DipSettings(size=32, num_scales=3, num_cutouts=4, iterations=4, display_freq=2, seed=7)
@@ -293,7 +293,7 @@ def test_default_device_is_the_cpu_without_cuda(monkeypatch):
 
 
 def test_cuda_backends_tune_convolutions_and_keep_float32_exact():
-    from prior.hardware import configure_backends
+    from backbone.hardware import configure_backends
 
     cudnn = torch.backends.cudnn
     saved = (cudnn.benchmark, cudnn.conv.fp32_precision)

@@ -1,10 +1,10 @@
 """The README stays in step with the predictor."""
 
-from didp.docs import README, inputs_table, readme_table
+from commands.readme_table import README, inputs_table, readme_table
 
 
 def test_readme_inputs_table_matches_the_predictor():
-    assert readme_table(README.read_text()) == inputs_table(), "run: python -m didp.docs --write"
+    assert readme_table(README.read_text()) == inputs_table(), "run: python -m commands.readme_table --write"
 
 
 def test_readme_names_the_two_setup_commands():

@@ -24,7 +24,7 @@ from conftest import run_predictor
 from http_server import CogServer, running
 
 import predict
-from didp.validation import validate_inputs
+from pipeline.validation import validate_inputs
 from prior.weights import convert
 
 SMALL = dict(iterations=1, display_freq=1, num_scales=4, num_cutouts=4, prior_steps=8, size=256)
@@ -341,7 +341,7 @@ def test_the_estimate_covers_clip_vit_l14s_attention_in_bf16_on_the_cpu():
     attention keeps each layer's scores."""
     import open_clip
 
-    from prior.clip import build_clip
+    from backbone.clip import build_clip
 
     config = dict(open_clip.get_model_config("ViT-L-14"), quick_gelu=True)
     config["vision_cfg"] = {**config["vision_cfg"], "layers": 2}

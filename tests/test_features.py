@@ -15,8 +15,8 @@ import torch
 from http_server import decode_data_uri
 from PIL import Image
 
-from didp import cli
-from didp.media import clip_image_tensor, load_image
+from commands import didp as cli
+from pipeline.media import clip_image_tensor, load_image
 from prior.manipulate import slerp
 from prior.weights import load_models
 
@@ -177,7 +177,7 @@ def test_best_of_n_writes_the_pictures_best_first_with_their_scores(server):
 
 def test_a_long_runs_progress_animation_is_thinned_to_its_pixel_budget(tmp_path, monkeypatch):
     import predict
-    from didp.request import Request
+    from pipeline.request import Request
 
     paths = []
     for k in range(30):  # 30 frames of 16 x 16, each its own grey
@@ -276,7 +276,7 @@ def test_didp_runs_best_of_n_and_an_interpolation(tmp_path, capsys, monkeypatch)
 def visualised_targets(predictor, monkeypatch, tmp_path, **inputs) -> tuple[list[torch.Tensor], np.ndarray]:
     """The targets handed to the visualiser, and target_embeddings.npy (or image_embedding.npy)."""
     import predict
-    from didp.validation import validate_inputs
+    from pipeline.validation import validate_inputs
 
     monkeypatch.setattr(predict, "OUTPUT_ROOT", tmp_path)
     seen = []
@@ -312,7 +312,7 @@ def test_a_sequence_and_best_of_n_hand_their_targets_over(predictor, monkeypatch
 
 def test_an_edit_that_changes_nothing_fails_before_the_prior_runs(predictor, monkeypatch, tmp_path):
     import predict
-    from didp.validation import validate_inputs
+    from pipeline.validation import validate_inputs
 
     monkeypatch.setattr(predict, "OUTPUT_ROOT", tmp_path)
     sampled = []
@@ -327,7 +327,7 @@ def test_an_edit_that_changes_nothing_fails_before_the_prior_runs(predictor, mon
 
 def test_result_json_records_a_blank_optional_caption_as_not_given(predictor, monkeypatch, tmp_path):
     import predict
-    from didp.validation import validate_inputs
+    from pipeline.validation import validate_inputs
 
     monkeypatch.setattr(predict, "OUTPUT_ROOT", tmp_path)
     values = validate_inputs({"prompt": "a lighthouse", **SMALL, "iterations": 0, "negative_prompt": "  "})

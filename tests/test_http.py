@@ -15,8 +15,8 @@ import requests
 from http_server import CogServer, WebhookReceiver, decode_data_uri
 from PIL import Image
 
-from didp.schema import SCHEMA_PATH
-from didp.validation import input_schema
+from commands.cog_schema import SCHEMA_PATH
+from pipeline.validation import input_schema
 
 EMBED_DIM = 64  # the tiny CLIP
 SMALL = dict(

@@ -17,7 +17,7 @@ import pytest
 from conftest import held_by_another_process
 from PIL import Image
 
-from didp import locks
+from pipeline import locks
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = re.compile(r"run-[0-9a-f]{16}")
@@ -85,7 +85,7 @@ def start_didp(tmp_path: Path, *args: str) -> tuple[Watched, Path, Path]:
     env = {**os.environ, "TMPDIR": str(temp), "DIDP_WEIGHTS": "tiny", "PYTHONPATH": str(ROOT)}
     env.update(CUDA_VISIBLE_DEVICES="")
     env.pop("DIDP_OUTPUT_DIR", None)
-    command = [sys.executable, "-m", "didp.cli", *args, "-o", str(out)]
+    command = [sys.executable, "-m", "commands.didp", *args, "-o", str(out)]
     process = subprocess.Popen(
         command,
         env=env,
@@ -136,7 +136,7 @@ def test_didp_stopped_during_setup_says_nothing_was_written(tmp_path):
 
 
 def test_main_returns_the_shells_exit_codes_for_signals():
-    from didp.cli import SIGNAL_EXIT_CODES, Progress, Terminated
+    from commands.didp import SIGNAL_EXIT_CODES, Progress, Terminated
 
     assert SIGNAL_EXIT_CODES == {130: signal.SIGINT, 143: signal.SIGTERM}
     progress = Progress(output=Path("out"), written=[Path("out/text_tokens.npy")])

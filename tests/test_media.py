@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile
 
-from didp.media import ImageInputError, clip_image_tensor, load_image, write_animation
+from pipeline.media import ImageInputError, clip_image_tensor, load_image, write_animation
 from prior.factory import random_models
 
 ACCEPTED = "not a PNG, JPEG or WebP file"

@@ -188,7 +188,7 @@ def test_a_negative_caption_needs_guidance_to_act(oracle_and_ours):
 
 def test_guidance_is_refused_for_a_prior_trained_without_dropout():
     net = PriorNetwork(PriorConfig(**SMALL_PRIOR, cond_drop_prob=0.0)).eval()
-    from prior.clip import TextEncoding
+    from backbone.clip import TextEncoding
 
     text = TextEncoding(torch.randn(1, 64), torch.randn(1, 77, 64), torch.ones(1, 77, dtype=torch.bool))
     with pytest.raises(ValueError, match="cond_scale must be 1"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from didp.request import DEFAULT_INTERPOLATION_STEPS, Request, text_or_none
+from pipeline.request import DEFAULT_INTERPOLATION_STEPS, Request, text_or_none
 
 
 def test_every_input_at_its_default_passes():

@@ -1,4 +1,4 @@
-"""``didp.validation`` says what the Cog server says about bad inputs, word for word."""
+"""``pipeline.validation`` says what the Cog server says about bad inputs, word for word."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import pytest
 from cog import _inspector
 
-from didp.validation import InputError, input_errors, validate_inputs
+from pipeline.validation import InputError, input_errors, validate_inputs
 
 # Invalid inputs: each problem once or several at a time, numbers and text in awkward spellings.
 BAD_INPUTS = [

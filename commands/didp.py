@@ -101,10 +101,10 @@ def output_directory(path: Path):
     """``path``, created if needed, for this run alone while it lasts.
 
     A second run into the same directory would remove this run's files when it replaces an
-    earlier run's, so it is refused (``OutputBusy``); see ``didp.locks``. A directory created
+    earlier run's, so it is refused (``OutputBusy``); see ``pipeline.locks``. A directory created
     here and left empty (setup failed) is removed again.
     """
-    from didp.locks import DirectoryBusy, hold, release
+    from pipeline.locks import DirectoryBusy, hold, release
 
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
@@ -181,9 +181,9 @@ def check_before_setup(values: dict, fields: dict) -> None:
     that cannot work fails at once rather than after loading (or downloading) the weights: files
     exist and are pictures, the inputs combine (``Request.check``), ``num_scales`` fits ``size``
     (``DipSettings``)."""
-    from didp.media import load_image
-    from didp.request import Request
     from dip.settings import DipSettings
+    from pipeline.media import load_image
+    from pipeline.request import Request
 
     for name, value in values.items():
         field = fields.get(name)
@@ -325,7 +325,7 @@ def _main(argv: list[str] | None, progress: Progress) -> int:
     )
     args = parser.parse_args(argv)
 
-    from didp.validation import validate_inputs
+    from pipeline.validation import validate_inputs
 
     fields = _predictor_inputs()
     try:

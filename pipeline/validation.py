@@ -192,7 +192,7 @@ def _check(value: Any, schema: dict) -> list[str]:
             if isinstance(value, str) and re.search(rule, value) is None:
                 messages.append(f'{json_text(value)} does not match "{rule}"')
         else:
-            raise NotImplementedError(f"schema keyword {keyword!r} is not supported by didp.validation")
+            raise NotImplementedError(f"schema keyword {keyword!r} is not supported by pipeline.validation")
     return messages
 
 

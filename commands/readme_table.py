@@ -1,7 +1,7 @@
 """The README's table of inputs, generated from the predictor so that the two cannot drift.
 
-python -m didp.docs          # print the table
-python -m didp.docs --write  # replace the table between the markers in README.md
+python -m commands.readme_table          # print the table
+python -m commands.readme_table --write  # replace the table between the markers in README.md
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from didp.cli import _number, _predictor_inputs, default_text
+from commands.didp import _number, _predictor_inputs, default_text
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- inputs:begin -->", "<!-- inputs:end -->"
@@ -41,7 +41,7 @@ def readme_table(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m didp.docs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m commands.readme_table", description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="update README.md in place")
     args = parser.parse_args(argv)
     table = inputs_table()

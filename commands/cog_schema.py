@@ -1,7 +1,7 @@
 """Write ``.cog/openapi_schema.json`` as ``cog build`` would, without Docker or the ``cog`` tool.
 
-    python -m didp.schema           # (re)write .cog/openapi_schema.json
-    python -m didp.schema --check   # exit 1 if the committed file is stale
+    python -m commands.cog_schema           # (re)write .cog/openapi_schema.json
+    python -m commands.cog_schema --check   # exit 1 if the committed file is stale
 
 The Cog server (coglet) validates every request against this file and answers 422 on bad input;
 without it, it accepts anything. The inputs come from the SDK's own signature inspector
@@ -350,7 +350,7 @@ def render(info=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m didp.schema", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m commands.cog_schema", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the file differs from the predictor")
     parser.add_argument("--path", type=Path, default=SCHEMA_PATH, help=f"default {SCHEMA_PATH.relative_to(ROOT)}")
     args = parser.parse_args(argv)
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         current = args.path.read_text() if args.path.exists() else None
         if current != text:
             state = "missing" if current is None else "stale (predict.py's inputs or outputs changed)"
-            print(f"{args.path} is {state}: run `python -m didp.schema` and commit the result", file=sys.stderr)
+            print(f"{args.path} is {state}: run `python -m commands.cog_schema` and commit the result", file=sys.stderr)
             return 1
         print(f"{args.path} is up to date")
         return 0

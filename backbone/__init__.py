@@ -1,0 +1,1 @@
+"""CLIP and the device it runs on: shared by the prior (``prior``) and the visualiser (``dip``)."""

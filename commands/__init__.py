@@ -1,0 +1,1 @@
+"""Command-line tools: the ``didp`` command, Cog's schema file and the README's inputs table."""

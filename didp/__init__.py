@@ -1,1 +1,0 @@
-"""Tooling around the Cog predictor: the ``didp`` CLI, the OpenAPI schema and input validation."""
