@@ -256,6 +256,16 @@ class SelfAttention(nn.Module):
         return self.out_proj(out.permute(2, 0, 1, 3).reshape(tokens, batch, width)), None
 
 
+@dataclass(frozen=True)
+class ImageTower:
+    """The shape of CLIP's vision transformer: what a memory estimate needs to know of it."""
+
+    tokens: int  # per image, the class token included
+    width: int
+    layers: int
+    heads: int
+
+
 class ClipEncoder(nn.Module):
     """An open_clip ``CLIP`` with the two views the project needs.
 
@@ -284,6 +294,10 @@ class ClipEncoder(nn.Module):
         self.image_size = int(model.visual.image_size[0])
         self.image_tokens = int(model.visual.grid_size[0] * model.visual.grid_size[1]) + 1  # with the class token
         self.embed_dim = int(model.text_projection.shape[1])
+        tower = model.visual.transformer
+        self.image_tower = ImageTower(
+            self.image_tokens, int(tower.width), int(tower.layers), int(tower.resblocks[0].attn.num_heads)
+        )
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 

@@ -13,26 +13,15 @@ sorted keys, properties in signature order, ``choices`` as ``allOf`` references 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import re
 import sys
-from decimal import Decimal
 from pathlib import Path
-from typing import Any
+
+from pipeline.inputs import InputSpec, cog_input_schema, title_case
+from pipeline.jsontext import Ordered, go_json
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = ROOT / ".cog" / "openapi_schema.json"
 PREDICTOR = ("predict", "Predictor")
-
-
-class Ordered(dict):
-    """A JSON object written in insertion order (Go's ``orderedMapAny``); plain dicts are sorted (Go maps)."""
-
-
-def title_case(name: str) -> str:
-    """``input_noise_strength`` -> ``Input Noise Strength`` (the generator's ``TitleCase``)."""
-    return " ".join(word[:1].upper() + word[1:] for word in name.split("_") if word)
 
 
 # -- the document -------------------------------------------------------------------------------
@@ -83,71 +72,45 @@ def _primitive_json_type(primitive) -> dict:
     }.get(primitive, {"type": "object"})
 
 
-def _field_json_type(field_type) -> dict:
+_KINDS = {"STRING": "string", "INTEGER": "integer", "FLOAT": "float", "BOOL": "bool", "PATH": "path"}
+
+
+def predictor_specs(info=None) -> list[InputSpec]:
+    """``predict.py``'s inputs as ``InputSpec``s, read by Cog's own signature inspector."""
     from cog._adt import Repetition
 
-    if field_type.union_variants is not None:
-        raise ValueError("union inputs are not supported by this generator")
-    if field_type.repetition in (Repetition.REPEATED, Repetition.OPTIONAL_REPEATED):
-        return {"type": "array", "items": _primitive_json_type(field_type.primitive)}
-    return _primitive_json_type(field_type.primitive)
-
-
-def _input_schema(info) -> tuple[dict, list[tuple[str, dict]]]:
-    from cog._adt import Repetition
-
-    properties = Ordered()
-    required: list[str] = []
-    enums: list[tuple[str, dict]] = []
+    info = info if info is not None else predictor_info()
+    specs = []
     for name, field in sorted(info.inputs.items(), key=lambda item: item[1].order):
-        prop: dict = {"x-order": field.order}
-        if field.choices:
-            enum_type = _primitive_json_type(field.type.primitive).get("type") or "string"
-            enums.append(
-                (
-                    name,
-                    {
-                        "title": name,
-                        "description": "An enumeration.",
-                        "enum": list(field.choices),
-                        "type": enum_type,
-                    },
-                )
+        kind = _KINDS.get(field.type.primitive.name)
+        if (
+            kind is None
+            or field.type.union_variants is not None
+            or field.type.repetition
+            not in (
+                Repetition.REQUIRED,
+                Repetition.OPTIONAL,
             )
-            prop["allOf"] = [{"$ref": f"#/components/schemas/{name}"}]
-        else:
-            prop["title"] = title_case(name)
-            prop.update(_field_json_type(field.type))
-        nullable = field.type.repetition in (Repetition.OPTIONAL, Repetition.OPTIONAL_REPEATED)
-        # The inspector cannot tell ``default=None`` from no default. The generator drops a None
-        # default on non-nullable types (but Secret, unused here) and writes ``"default": null``
-        # on Optional ones, the usual ``Optional[X] = Input(default=None)``.
-        has_default = field.default is not None or nullable
-        if not has_default and field.type.repetition in (Repetition.REQUIRED, Repetition.REPEATED):
-            required.append(name)
-        if has_default:
-            prop["default"] = field.default
-        if nullable:
-            prop["nullable"] = True
-        if field.description is not None:
-            prop["description"] = field.description
-        if field.ge is not None:
-            prop["minimum"] = field.ge  # a float, as in Go: 1.0 is written 1
-        if field.le is not None:
-            prop["maximum"] = field.le
-        if field.min_length is not None:
-            prop["minLength"] = field.min_length
-        if field.max_length is not None:
-            prop["maxLength"] = field.max_length
-        if field.regex is not None:
-            prop["pattern"] = field.regex
-        if field.deprecated:
-            prop["deprecated"] = True
-        properties[name] = prop
-    schema: dict = {"title": "Input", "type": "object", "properties": properties}
-    if required:
-        schema["required"] = required
-    return schema, enums
+        ):
+            raise ValueError(f"{name}: inputs of type {field.type} are not supported by this generator")
+        specs.append(
+            InputSpec(
+                name=name,
+                order=field.order,
+                kind=kind,
+                description=field.description,
+                default=field.default,
+                optional=field.type.repetition is Repetition.OPTIONAL,
+                ge=field.ge,
+                le=field.le,
+                min_length=field.min_length,
+                max_length=field.max_length,
+                regex=field.regex,
+                choices=tuple(field.choices) if field.choices else None,
+                deprecated=bool(field.deprecated),
+            )
+        )
+    return specs
 
 
 def _output_schema(info) -> dict:
@@ -184,7 +147,7 @@ def openapi_schema(info=None, streaming: bool | None = None) -> dict:
     """
     info = info if info is not None else predictor_info()
     streaming = is_streaming() if streaming is None else streaming
-    input_schema, enums = _input_schema(info)
+    input_schema, enums = cog_input_schema(predictor_specs(info))
     input_ref = {"$ref": "#/components/schemas/Input"}
     validation_error = {
         "description": "Validation Error",
@@ -290,55 +253,6 @@ def openapi_schema(info=None, streaming: bool | None = None) -> dict:
         "paths": paths,
         "components": {"schemas": components},
     }
-
-
-# -- Go's encoding/json ----------------------------------------------------------------------------
-
-
-def _go_float(value: float) -> str:
-    """``strconv.AppendFloat(f, 'f' or 'e', -1, 64)`` as ``encoding/json`` uses it: ``1.0`` -> ``1``."""
-    if not math.isfinite(value):
-        raise ValueError(f"{value} cannot be written as JSON")
-    if value == 0 or 1e-6 <= abs(value) < 1e21:
-        text = format(Decimal(repr(value)), "f")
-        return text.rstrip("0").rstrip(".") if "." in text else text
-    text = repr(value)  # shortest digits, e.g. 1e-07 or 1e+21; Go then shortens e-07 to e-7
-    return re.sub(r"e-0(\d)$", r"e-\1", text)
-
-
-def _go_string(text: str) -> str:
-    encoded = json.dumps(text, ensure_ascii=False)
-    for char, escape in (
-        ("<", "\\u003c"),
-        (">", "\\u003e"),
-        ("&", "\\u0026"),
-        ("\u2028", "\\u2028"),
-        ("\u2029", "\\u2029"),
-    ):
-        encoded = encoded.replace(char, escape)
-    return encoded
-
-
-def go_json(value: Any) -> str:
-    """Compact JSON as Go's ``json.Marshal`` writes it (sorted map keys, HTML-safe strings)."""
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return _go_float(value)
-    if isinstance(value, str):
-        return _go_string(value)
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(go_json(v) for v in value) + "]"
-    if isinstance(value, dict):
-        keys = list(value) if isinstance(value, Ordered) else sorted(value)
-        return "{" + ",".join(f"{_go_string(k)}:{go_json(value[k])}" for k in keys) + "}"
-    raise TypeError(f"cannot encode {type(value).__name__}")
 
 
 def render(info=None) -> str:

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 
 from .network import OFFSET_TYPES, validate_size
 
-MAX_SEED = 2**32 - 1
-# Drawn seeds stay within the predictor's seed input (-1..100000) so a reported seed can be typed back in.
-MAX_DRAWN_SEED = 100_000
+# Seeds are 0..MAX_SEED (-1 draws one): drawn seeds come from the same range, so that every
+# reported seed can be given back as a seed.
+MAX_SEED = 100_000
 
 
 def resolve_seed(seed: int) -> int:
     """``seed`` itself, or a freshly drawn one in ``[0, 100000]`` for ``seed == -1``."""
-    return secrets.randbelow(MAX_DRAWN_SEED + 1) if seed == -1 else seed
+    return secrets.randbelow(MAX_SEED + 1) if seed == -1 else seed
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import time
 import weakref
 from pathlib import Path
 
@@ -20,10 +19,6 @@ try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
-
-# A directory younger than this is never taken for abandoned: it may be between its mkdir and
-# its owner's lock.
-MIN_AGE_SECONDS = 60.0
 
 
 class DirectoryBusy(Exception):
@@ -35,7 +30,16 @@ class Held:
     collected (a dropped owner does not keep its directory held for the life of the process)."""
 
     def __init__(self, fd: int):
+        self._fd = fd
         self._close = weakref.finalize(self, os.close, fd)
+
+    def is_at(self, path: Path) -> bool:
+        """Whether ``path`` still leads to the held directory (it was not removed or replaced)."""
+        try:
+            here, held = path.stat(), os.fstat(self._fd)
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
 
     def release(self) -> None:
         self._close()  # at most once
@@ -64,20 +68,34 @@ def release(held: Held | None) -> None:
         held.release()
 
 
-def remove_abandoned(root: Path, names: re.Pattern[str], min_age: float = MIN_AGE_SECONDS) -> list[Path]:
-    """Remove the directories in ``root`` whose names match ``names`` and that no process holds
-    (and that are older than ``min_age`` seconds); returns them. Symbolic links and files are
-    left alone, and so is everything where locks are not available."""
+def make_held(path: Path, mode: int = 0o700) -> Held | None:
+    """Make the directory ``path`` and hold it, as one step as far as any other process can tell.
+
+    Between ``mkdir`` and the lock, a ``remove_abandoned`` elsewhere may take the new directory for
+    abandoned and remove it; then the lock is on a removed directory, which this notices (the path
+    no longer leads to the locked inode) and raises ``DirectoryBusy``: try another name. So a
+    directory is never removed from under its owner, and no age needs guarding. Raises
+    ``FileExistsError`` if ``path`` exists.
+    """
+    path.mkdir(mode=mode)
+    held = hold(path)  # DirectoryBusy: a sweeper holds it, to remove it
+    if held is not None and not held.is_at(path):
+        held.release()
+        raise DirectoryBusy(f"{path} was removed while it was being made")
+    return held
+
+
+def remove_abandoned(root: Path, names: re.Pattern[str]) -> list[Path]:
+    """Remove the directories in ``root`` whose names match ``names`` and that no process holds;
+    returns them. Symbolic links and files are left alone, and so is everything where locks are
+    not available."""
     if fcntl is None or not root.is_dir():
         return []
     removed = []
-    now = time.time()
     for path in sorted(root.iterdir()):
         if not names.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
             continue
         try:
-            if now - path.stat().st_mtime < min_age:
-                continue
             held = hold(path)
         except (DirectoryBusy, OSError):
             continue

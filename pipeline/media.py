@@ -1,4 +1,4 @@
-"""Pictures in and out: the user's image input, CLIP's view of it, and looping animations.
+"""Pictures in and out: the user's image input, PNG frames and looping animations.
 
 ``load_image`` is the only place a user-supplied image file is decoded. It accepts PNG, JPEG and
 WebP, judged by the decoded format (not the file name), at most ``MAX_MEGAPIXELS`` and at most
@@ -13,13 +13,10 @@ import math
 import stat
 import warnings
 from collections.abc import Sequence
-from functools import cache
 from pathlib import Path
 
 import torch
-from open_clip.transform import image_transform
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import Compose, Normalize
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")  # Pillow's names; JPEG also yields MPO (camera JPEGs)
 ACCEPTED_TEXT = "PNG, JPEG or WebP"
@@ -35,6 +32,9 @@ WEBP_QUALITY = 90
 WEBP_METHOD = 4
 # The GIF palette is computed on a mosaic of all frames downscaled to at most this many pixels.
 GIF_PALETTE_PIXELS = 1 << 16
+# Pixels of an animation's frames held at once while it is encoded (about 300 MB as RGB): 1,500
+# frames of one 256 px picture, 47 of eight 512 px pictures side by side.
+MAX_ANIMATION_PIXELS = 100_000_000
 
 
 class ImageInputError(ValueError):
@@ -120,26 +120,7 @@ def load_image(path: str | Path) -> Image.Image:
             ) from exc
 
 
-@cache
-def _clip_transform(size: int) -> Compose:
-    """open_clip's eval preprocessing (resize the short side, centre crop, to tensor) minus Normalize."""
-    steps = image_transform(size, is_train=False).transforms
-    return Compose([step for step in steps if not isinstance(step, Normalize)])
-
-
-def clip_image_tensor(image: Image.Image, clip) -> torch.Tensor:
-    """``image`` as CLIP sees it: ``[1, 3, S, S]`` float32 in [0, 1] on ``clip``'s device.
-
-    open_clip's own eval preprocessing for ``clip.image_size`` (bicubic resize of the short side,
-    centre crop, RGB), without its normalisation: ``ClipEncoder.embed_image`` normalises, so
-    ``clip.embed_image(clip_image_tensor(image, clip))`` is open_clip's
-    ``normalize(encode_image(preprocess(image)))``.
-    """
-    tensor = _clip_transform(int(clip.image_size))(image)
-    return tensor.unsqueeze(0).to(device=clip.mean.device, dtype=torch.float32)
-
-
-def _frame_image(frame: torch.Tensor | Image.Image) -> Image.Image:
+def to_image(frame: torch.Tensor | Image.Image) -> Image.Image:
     if isinstance(frame, Image.Image):
         return frame.convert("RGB")
     if not isinstance(frame, torch.Tensor) or frame.dim() != 3 or frame.shape[0] != 3:
@@ -179,7 +160,7 @@ def write_animation(
         raise ValueError(f"write_animation: fmt must be one of {', '.join(ANIMATION_FORMATS)}, got {fmt!r}")
     if isinstance(duration_ms, bool) or not isinstance(duration_ms, int) or duration_ms < 20:
         raise ValueError(f"write_animation: duration_ms must be an integer of at least 20, got {duration_ms!r}")
-    images = [_frame_image(frame) for frame in frames]
+    images = [to_image(frame) for frame in frames]
     if not images:
         raise ValueError("write_animation: no frames")
     if len({image.size for image in images}) > 1:
@@ -193,3 +174,34 @@ def write_animation(
     # Both encoders merge identical consecutive frames into one longer frame.
     images[0].save(path, save_all=True, append_images=images[1:], loop=0, duration=duration_ms, **options)
     return path
+
+
+def evenly_spaced(items: list, n: int) -> list:
+    """At most ``n`` (>= 2) of ``items``, evenly spaced, the first and the last among them."""
+    if len(items) <= n:
+        return items
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
+
+
+def _side_by_side(paths: list[Path]) -> Image.Image:
+    pictures = [Image.open(path).convert("RGB") for path in paths]
+    if len(pictures) == 1:
+        return pictures[0]
+    width, height = pictures[0].size
+    sheet = Image.new("RGB", (width * len(pictures), height))
+    for i, picture in enumerate(pictures):
+        sheet.paste(picture, (i * width, 0))
+    return sheet
+
+
+def animation_of_files(frames: list[list[Path]], path: Path, fmt: str) -> Path:
+    """An animation of pictures already written: one frame per entry of ``frames``, its pictures
+    side by side.
+
+    The encoders hold every frame at once, so a long run's frames are thinned out to at most
+    ``MAX_ANIMATION_PIXELS`` in all, evenly spaced, the first and the last always kept.
+    """
+    with Image.open(frames[0][0]) as first:  # the header only
+        frame_pixels = first.width * first.height * len(frames[0])
+    frames = evenly_spaced(frames, max(2, MAX_ANIMATION_PIXELS // frame_pixels))
+    return write_animation([_side_by_side(paths) for paths in frames], path, fmt)

@@ -1,15 +1,40 @@
-"""What a request asks for beyond one caption and one picture, checked as a whole before any work.
+"""One request: every input's type, range, default and description, and how the inputs combine.
 
-The schema checks each input on its own (types, ranges, choices); this checks how they combine,
-with messages that name the inputs. Only values that do something are refused: a form that sends
-every input at its default (as Replicate's does) always passes.
+This model is the one place where inputs are declared. The Cog adapter (``predict.py``) spells
+them out again in ``run``'s signature, because Cog reads them from there; ``tests/test_inputs.py``
+keeps the two, ``didp --help`` and the README's table in agreement. The visualiser's inputs take
+their ranges and defaults from ``dip.DipSettings``.
+
+Field by field the model checks what the server's schema checks; ``Request.check`` adds how the
+inputs combine, with messages that name them. Only values that do something are refused: a form
+that sends every input at its default (as Replicate's does) always passes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import annotated_types
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dip.network import validate_size
+from dip.settings import DipSettings
+
+from .inputs import InputSpec
 
 DEFAULT_INTERPOLATION_STEPS = 8
+CAPTIONS = ("interpolate_to", "edit_prompt", "negative_prompt")
+_DIP_DEFAULTS = {field.name: field.default for field in dataclasses.fields(DipSettings)}
+
+
+def dip_field(name: str, description: str) -> Any:
+    """A visualiser input: its default and inclusive range are ``DipSettings``'s."""
+    low, high = DipSettings.RANGES[name]
+    return Field(_DIP_DEFAULTS[name], ge=low, le=high, description=description)
 
 
 def text_or_none(value: str | None) -> str | None:
@@ -17,61 +42,139 @@ def text_or_none(value: str | None) -> str | None:
     return value if value is not None and value.strip() else None
 
 
-@dataclass(frozen=True)
-class Request:
-    """The request's inputs beyond one caption and one picture; a blank optional caption
+class Request(BaseModel):
+    """A request's inputs, checked field by field and as a whole; a blank optional caption
     (``CAPTIONS``) counts as not given and is held as ``None``."""
 
-    CAPTIONS = ("interpolate_to", "edit_prompt", "negative_prompt")
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    mode: str = "visualize"
-    interpolate_to: str | None = None
-    edit_prompt: str | None = None
-    edit_strength: float = 0.5
-    interpolation_steps: int | None = None
-    negative_prompt: str | None = None
-    negative_weight: float = 0.0
-    num_outputs: int = 1
-    save_animation: bool = False
-    animation_format: str = "webp"
+    prompt: Annotated[
+        str, Field(description="Caption to visualise: what CLIP should see.", min_length=1, pattern=r"\S")
+    ]
+    mode: Literal["visualize", "embed"] = Field(
+        "visualize", description="visualize: embeddings and images; embed: only the embeddings (fast)."
+    )
+    offset_type: Literal["none", "1x1", "full"] = Field(
+        _DIP_DEFAULTS["offset_type"],
+        description="Deformable convolutions: none, 1x1 (stable) or full (wants a lower offset_lr_fac).",
+    )
+    num_scales: int = dip_field("num_scales", "Depth of the network (at most 6 at 256 px, 7 at 512 px).")
+    size: Literal[256, 512] = Field(_DIP_DEFAULTS["size"], description="Side of the square image in pixels.")
+    input_noise_strength: float = dip_field(
+        "input_noise_strength", "Fresh noise blended into the network's input, ramped down over the run."
+    )
+    lr: float = dip_field("lr", "MADGRAD learning rate.")
+    offset_lr_fac: float = dip_field("offset_lr_fac", "Learning-rate factor for the offset layers.")
+    lr_decay: float = dip_field("lr_decay", "Learning rate multiplied by this after every step.")
+    param_noise_strength: float = dip_field(
+        "param_noise_strength", "Noise added to the weights after each step, ramped down."
+    )
+    display_freq: int = dip_field(
+        "display_freq", "Emit an image every N steps (the last step always; 0: only the last)."
+    )
+    iterations: int = dip_field("iterations", "Optimisation steps.")
+    num_samples_per_batch: int = Field(
+        2, ge=1, le=10, description="Prior candidates; the one closest to the caption is kept."
+    )
+    num_cutouts: int = dip_field("num_cutouts", "CLIP cutouts per step.")
+    guidance_scale: float = Field(1.0, ge=0, le=10, description="Prior classifier-free guidance (1: none).")
+    prior_steps: int = Field(
+        64, ge=1, le=1000, description="Prior sampling steps (1000: the full ancestral loop of the reference)."
+    )
+    seed: int = dip_field("seed", "Random seed; -1 draws one (reported in result.json).")
+    image: Path | None = Field(
+        None,
+        description="A picture (PNG, JPEG or WebP, up to 40 megapixels and 100:1) whose CLIP image embedding "
+        "becomes the target instead of the prior's: how CLIP sees it. The prompt then describes it.",
+    )
+    interpolate_to: str | None = Field(
+        None,
+        description="A second caption: one image per step of the slerp from the prompt's image embedding "
+        "to this caption's, and an animation of them.",
+    )
+    edit_prompt: str | None = Field(
+        None, description="Text diff: turn the target towards (edit_prompt - prompt) in CLIP space."
+    )
+    edit_strength: float = Field(
+        0.5, ge=0, le=1, description="How far an edit turns the target (0: not at all, 1: all the way)."
+    )
+    interpolation_steps: int | None = Field(
+        None,
+        ge=2,
+        le=16,
+        description="Targets in an interpolation (default 8) or an edit sequence (an edit without it: one).",
+    )
+    negative_prompt: str | None = Field(
+        None,
+        description="What the picture should not be: steers the prior's guidance (guidance_scale > 1) "
+        "and, with negative_weight, the visualiser away from it.",
+    )
+    negative_weight: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="How hard the visualiser pushes away from negative_prompt (0: only the prior uses it).",
+    )
+    num_outputs: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="Images optimised from different seeds, ranked by similarity to the prompt, best first.",
+    )
+    save_animation: bool = Field(False, description="Also write an animation of every emitted frame.")
+    animation_format: Literal["webp", "gif"] = Field("webp", description="Format of the animations.")
 
-    def __post_init__(self):
-        for name in self.CAPTIONS:
-            object.__setattr__(self, name, text_or_none(getattr(self, name)))
-
+    @field_validator(*CAPTIONS)
     @classmethod
-    def check(cls, **values) -> Request:
-        """The request, or a ``ValueError`` that names the inputs that cannot go together."""
-        request = cls(**values)
-        problems = []
-        if request.interpolate_to and request.edit_prompt:
-            problems.append("interpolate_to and edit_prompt cannot be combined: give one of them")
-        if request.interpolation_steps is not None and not (request.interpolate_to or request.edit_prompt):
-            problems.append("interpolation_steps needs interpolate_to or edit_prompt")
-        if request.num_outputs > 1 and request.is_sequence:
-            problems.append(
-                f"num_outputs={request.num_outputs} cannot be combined with an interpolation or an edit sequence, "
-                "which already give one image per target: set num_outputs=1"
-            )
-        if request.negative_weight > 0 and not request.negative_prompt:
-            problems.append(f"negative_weight={request.negative_weight:g} needs a negative_prompt")
-        if request.edit_strength != cls.edit_strength and not request.edit_prompt:
-            problems.append(f"edit_strength={request.edit_strength:g} needs an edit_prompt")
-        if request.animation_format != cls.animation_format and not (request.save_animation or request.is_sequence):
-            problems.append(
-                f"animation_format={request.animation_format} needs an animation: save_animation=true, "
-                "or a sequence (interpolate_to, or edit_prompt with interpolation_steps)"
-            )
-        if request.mode == "embed":
-            pictures_only = {
-                "num_outputs": request.num_outputs > 1,
-                "save_animation": request.save_animation,
-                "negative_weight": request.negative_weight > 0,
-            }
-            problems += [f"{name} makes pictures: it needs mode=visualize" for name, on in pictures_only.items() if on]
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return text_or_none(value)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Request:
+        problems = self.combination_problems()
         if problems:
             raise ValueError("; ".join(problems))
-        return request
+        validate_size(self.size, self.num_scales)
+        return self
+
+    @classmethod
+    def check(cls, **values: Any) -> Request:
+        """The request, or a ``ValueError`` whose message names every input that is wrong, or
+        that cannot go with another (pydantic's wording for a single field, ours for combinations)."""
+        try:
+            return cls(**values)
+        except ValidationError as error:
+            raise ValueError("; ".join(_message(problem) for problem in error.errors())) from None
+
+    def combination_problems(self) -> list[str]:
+        """What cannot go together, each naming its inputs."""
+        problems = []
+        if self.interpolate_to and self.edit_prompt:
+            problems.append("interpolate_to and edit_prompt cannot be combined: give one of them")
+        if self.interpolation_steps is not None and not (self.interpolate_to or self.edit_prompt):
+            problems.append("interpolation_steps needs interpolate_to or edit_prompt")
+        if self.num_outputs > 1 and self.is_sequence:
+            problems.append(
+                f"num_outputs={self.num_outputs} cannot be combined with an interpolation or an edit sequence, "
+                "which already give one image per target: set num_outputs=1"
+            )
+        if self.negative_weight > 0 and not self.negative_prompt:
+            problems.append(f"negative_weight={self.negative_weight:g} needs a negative_prompt")
+        if self.edit_strength != _default("edit_strength") and not self.edit_prompt:
+            problems.append(f"edit_strength={self.edit_strength:g} needs an edit_prompt")
+        if self.animation_format != _default("animation_format") and not (self.save_animation or self.is_sequence):
+            problems.append(
+                f"animation_format={self.animation_format} needs an animation: save_animation=true, "
+                "or a sequence (interpolate_to, or edit_prompt with interpolation_steps)"
+            )
+        if self.mode == "embed":
+            pictures_only = {
+                "num_outputs": self.num_outputs > 1,
+                "save_animation": self.save_animation,
+                "negative_weight": self.negative_weight > 0,
+            }
+            problems += [f"{name} makes pictures: it needs mode=visualize" for name, on in pictures_only.items() if on]
+        return problems
 
     @property
     def is_sequence(self) -> bool:
@@ -90,3 +193,66 @@ class Request:
     def members(self) -> int:
         """Images optimised together: one per target, or ``num_outputs`` of one target."""
         return max(self.target_count, self.num_outputs)
+
+    def dip_settings(self, seed: int) -> DipSettings:
+        """The visualiser's settings for this request, starting from ``seed`` (drawn already)."""
+        names = [field.name for field in dataclasses.fields(DipSettings) if field.name != "seed"]
+        return DipSettings(**{name: getattr(self, name) for name in names}, seed=seed).validate()
+
+    def echo(self) -> dict[str, Any]:
+        """The inputs as ``result.json`` records them: a file input as ``"(a file)"``, never its path."""
+        inputs = self.model_dump(mode="json")
+        inputs["image"] = None if self.image is None else "(a file)"
+        return inputs
+
+    @classmethod
+    def input_specs(cls) -> list[InputSpec]:
+        """Every input as ``InputSpec``, in declaration order."""
+        return [_spec(name, order, info) for order, (name, info) in enumerate(cls.model_fields.items())]
+
+
+def _default(name: str) -> Any:
+    return Request.model_fields[name].default
+
+
+def _message(problem: dict) -> str:
+    if problem["type"] == "value_error":  # ours, from a validator: already names its inputs
+        return str(problem["ctx"]["error"])
+    where = ".".join(map(str, problem["loc"]))
+    return f"{where}: {problem['msg']}" if where else problem["msg"]
+
+
+_KINDS = {str: "string", int: "integer", float: "float", bool: "bool", Path: "path"}
+
+
+def _spec(name: str, order: int, info) -> InputSpec:
+    annotation, optional = info.annotation, False
+    if isinstance(annotation, types.UnionType) and type(None) in typing.get_args(annotation):
+        (annotation,) = (arg for arg in typing.get_args(annotation) if arg is not type(None))
+        optional = True
+    choices = None
+    if typing.get_origin(annotation) is Literal:
+        choices = typing.get_args(annotation)
+        annotation = type(choices[0])
+    rules: dict[str, Any] = {}
+    for rule in info.metadata:
+        if isinstance(rule, annotated_types.Ge):
+            rules["ge"] = rule.ge
+        elif isinstance(rule, annotated_types.Le):
+            rules["le"] = rule.le
+        elif isinstance(rule, annotated_types.MinLen):
+            rules["min_length"] = rule.min_length
+        elif isinstance(rule, annotated_types.MaxLen):
+            rules["max_length"] = rule.max_length
+        elif getattr(rule, "pattern", None) is not None:
+            rules["regex"] = rule.pattern
+    return InputSpec(
+        name=name,
+        order=order,
+        kind=_KINDS[annotation],
+        description=info.description,
+        default=None if info.is_required() else info.default,
+        optional=optional,
+        choices=choices,
+        **rules,
+    )

@@ -8,24 +8,23 @@ crate, and answers 422 with one ``detail`` entry per problem::
      "type": "value_error"}
     {"loc": ["body", "input", "prompt"], "msg": "Field required", "type": "value_error.missing"}
 
-This module evaluates the same schema the same way and words each problem as the crate does
+This module evaluates the same schema (built from the request model, ``pipeline.inputs``) the same
+way and words each problem as the crate does
 (numbers and strings as ``serde_json`` writes them), in the server's order: fields by name,
 each field's rules by keyword name, missing fields last. ``validate_inputs`` then applies the
-defaults and returns the keyword arguments for ``Predictor.run``.
+defaults and returns the inputs with their defaults.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import re
-from decimal import Decimal
 from functools import cache
-from pathlib import Path
 from typing import Any
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / ".cog" / "openapi_schema.json"
+from .inputs import server_input_schema
+from .jsontext import serde_json
+
 # Keywords that carry no rule: documentation, Cog's extensions, OpenAPI's ``nullable`` (which
 # the server's JSON Schema validator ignores too).
 _ANNOTATIONS = {"title", "description", "default", "nullable", "deprecated", "format", "writeOnly", "readOnly"}
@@ -51,79 +50,12 @@ def _plain(message: str) -> str:
 
 
 @cache
-def _load(path: Path) -> dict:
-    document = json.loads(path.read_text())
-    schemas = document["components"]["schemas"]
-    return _inline_refs(schemas["Input"], schemas)
+def input_schema() -> dict:
+    """The schema the server checks ``input`` against (``.cog/openapi_schema.json``'s Input, which
+    ``tests/test_inputs.py`` keeps equal to this), from the request model."""
+    from .request import Request
 
-
-def input_schema(path: Path = SCHEMA_PATH) -> dict:
-    """``components.schemas.Input`` with its ``$ref`` (the choices' enums) inlined, as coglet does."""
-    return _load(Path(path))
-
-
-def _inline_refs(value: Any, schemas: dict) -> Any:
-    if isinstance(value, dict):
-        ref = value.get("$ref")
-        if isinstance(ref, str) and ref.startswith("#/components/schemas/"):
-            return _inline_refs(schemas[ref.rsplit("/", 1)[1]], schemas)
-        return {key: _inline_refs(item, schemas) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_inline_refs(item, schemas) for item in value]
-    return value
-
-
-# -- serde_json's text for a JSON value --------------------------------------------------------------
-
-
-def json_text(value: Any) -> str:
-    """A value as the server prints it in messages: compact JSON, keys sorted, serde_json numbers."""
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, int):
-        # serde_json reads integers beyond 64 bits as floats
-        return str(value) if -(2**63) <= value < 2**64 else _float_text(float(value))
-    if isinstance(value, float):
-        return _float_text(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(json_text(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return (
-            "{"
-            + ",".join(f"{json.dumps(str(k), ensure_ascii=False)}:{json_text(value[k])}" for k in sorted(value))
-            + "}"
-        )
-    raise TypeError(f"{type(value).__name__} is not a JSON value")
-
-
-def _float_text(value: float) -> str:
-    """Shortest round-trip digits; fixed notation for 1e-5 <= |x| < 1e16, else ``1e-7``/``1e+16``."""
-    if not math.isfinite(value):
-        raise ValueError(f"{value} is not valid JSON")
-    if value == 0:
-        return "-0.0" if math.copysign(1.0, value) < 0 else "0.0"
-    sign = "-" if value < 0 else ""
-    _, digit_tuple, exponent = Decimal(repr(abs(value))).as_tuple()
-    all_digits = "".join(map(str, digit_tuple))
-    digits = all_digits.rstrip("0")
-    exponent += len(all_digits) - len(digits)
-    point = len(digits) + exponent  # 10**(point - 1) <= |value| < 10**point
-    if exponent >= 0 and point <= 16:
-        text = digits + "0" * exponent + ".0"
-    elif 0 < point <= 16:
-        text = digits[:point] + "." + digits[point:]
-    elif -5 < point <= 0:
-        text = "0." + "0" * -point + digits
-    else:
-        mantissa = digits if len(digits) == 1 else digits[0] + "." + digits[1:]
-        text = f"{mantissa}e{'+' if point > 0 else '-'}{abs(point - 1)}"
-    return sign + text
+    return server_input_schema(Request.input_specs())
 
 
 # -- the rules -----------------------------------------------------------------------------------------
@@ -172,25 +104,25 @@ def _check(value: Any, schema: dict) -> list[str]:
         elif keyword == "type":
             if not any(_is_type(value, kind) for kind in ([rule] if isinstance(rule, str) else rule)):
                 expected = f'type "{rule}"' if isinstance(rule, str) else "types " + ", ".join(f'"{k}"' for k in rule)
-                messages.append(f"{json_text(value)} is not of {expected}")
+                messages.append(f"{serde_json(value)} is not of {expected}")
         elif keyword == "enum":
             if not any(_json_equal(value, option) for option in rule):
-                messages.append(f"{json_text(value)} is not one of {json_text(rule)}")
+                messages.append(f"{serde_json(value)} is not one of {serde_json(rule)}")
         elif keyword == "minimum":
             if _is_number(value) and value < rule:
-                messages.append(f"{json_text(value)} is less than the minimum of {json_text(rule)}")
+                messages.append(f"{serde_json(value)} is less than the minimum of {serde_json(rule)}")
         elif keyword == "maximum":
             if _is_number(value) and value > rule:
-                messages.append(f"{json_text(value)} is greater than the maximum of {json_text(rule)}")
+                messages.append(f"{serde_json(value)} is greater than the maximum of {serde_json(rule)}")
         elif keyword == "minLength":
             if isinstance(value, str) and len(value) < rule:
-                messages.append(f"{json_text(value)} is shorter than {rule} character{'' if rule == 1 else 's'}")
+                messages.append(f"{serde_json(value)} is shorter than {rule} character{'' if rule == 1 else 's'}")
         elif keyword == "maxLength":
             if isinstance(value, str) and len(value) > rule:
-                messages.append(f"{json_text(value)} is longer than {rule} character{'' if rule == 1 else 's'}")
+                messages.append(f"{serde_json(value)} is longer than {rule} character{'' if rule == 1 else 's'}")
         elif keyword == "pattern":
             if isinstance(value, str) and re.search(rule, value) is None:
-                messages.append(f'{json_text(value)} does not match "{rule}"')
+                messages.append(f'{serde_json(value)} does not match "{rule}"')
         else:
             raise NotImplementedError(f"schema keyword {keyword!r} is not supported by pipeline.validation")
     return messages
@@ -202,7 +134,7 @@ def input_errors(values: Any, schema: dict | None = None) -> list[dict]:
     if values is None:  # the server reads a null input as {}
         values = {}
     if not isinstance(values, dict):
-        return [_error("__root__", f'{json_text(values)} is not of type "object"')]
+        return [_error("__root__", f'{serde_json(values)} is not of type "object"')]
     properties = schema.get("properties", {})
     errors = [
         _error(name, message)

@@ -66,9 +66,7 @@ def test_a_run_writes_and_prints_every_file(tmp_path, capsys):
 
 
 def test_a_run_leaves_its_files_only_in_the_output_directory(tmp_path, capsys, monkeypatch):
-    import predict
-
-    monkeypatch.setattr(predict, "OUTPUT_ROOT", tmp_path / "server-side")
+    monkeypatch.setenv("DIDP_OUTPUT_DIR", str(tmp_path / "server-side"))
     code, _, _ = run(tmp_path / "out", capsys, "-i", "prompt=a red cube", "-i", "seed=5", *FAST)
     assert code == 0 and len(list((tmp_path / "out").iterdir())) == 6
     assert list((tmp_path / "server-side").iterdir()) == []  # the predictor's run directory is gone

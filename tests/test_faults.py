@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import random
+import signal
 import struct
 import time
 import weakref
@@ -24,6 +26,11 @@ from conftest import run_predictor
 from http_server import CogServer, running
 
 import predict
+from dip.memory import estimate_peak_bytes
+from pipeline import memory, runner
+from pipeline.memory import MemoryBudget, memory_budget_bytes, total_memory_bytes
+from pipeline.results import FinalScore, OutputPicture, Result
+from pipeline.rundir import OutputError
 from pipeline.validation import validate_inputs
 from prior.weights import convert
 
@@ -246,33 +253,38 @@ def test_a_request_over_the_memory_budget_is_refused_up_front(fault_servers):
 
 
 @pytest.fixture
-def output_root(tmp_path, monkeypatch):
+def output_root(predictor, tmp_path, monkeypatch):
     root = tmp_path / "outputs"
-    monkeypatch.setattr(predict, "OUTPUT_ROOT", root)
+    monkeypatch.setattr(predictor.pipeline, "output_root", root)
     return root
+
+
+def budget_from_the_environment(device: torch.device) -> tuple[int, str]:
+    """The budget as the server's setup reads it: ``DIDP_MEMORY_BUDGET_MB``, else the default."""
+    return memory_budget_bytes(device, os.environ.get("DIDP_MEMORY_BUDGET_MB"))
 
 
 def test_the_default_budget_is_80_percent_of_the_device_memory(predictor, monkeypatch):
     monkeypatch.delenv("DIDP_MEMORY_BUDGET_MB", raising=False)
-    total, kind = predict.total_memory_bytes(predictor.device)
-    budget, source = predict.memory_budget_bytes(predictor.device)
-    assert kind == ("GPU memory" if predictor.device.type == "cuda" else "RAM")
+    total, kind = total_memory_bytes(predictor.pipeline.device)
+    budget, source = budget_from_the_environment(predictor.pipeline.device)
+    assert kind == ("GPU memory" if predictor.pipeline.device.type == "cuda" else "RAM")
     assert budget == int(total * 0.8) and source.startswith("80% of")
-    assert predictor.memory_budget == budget
+    assert predictor.pipeline.memory.bytes == budget
     monkeypatch.setenv("DIDP_MEMORY_BUDGET_MB", "1500")
-    assert predict.memory_budget_bytes(torch.device("cpu")) == (1500 * 2**20, "DIDP_MEMORY_BUDGET_MB=1500")
+    assert budget_from_the_environment(torch.device("cpu")) == (1500 * 2**20, "DIDP_MEMORY_BUDGET_MB=1500")
     monkeypatch.setenv("DIDP_MEMORY_BUDGET_MB", "inf")
-    assert predict.memory_budget_bytes(torch.device("cpu"))[0] >= 2**60
+    assert budget_from_the_environment(torch.device("cpu"))[0] >= 2**60
     for bad in ("lots", "-5", "0", "nan"):
         monkeypatch.setenv("DIDP_MEMORY_BUDGET_MB", bad)
         with pytest.raises(ValueError, match="DIDP_MEMORY_BUDGET_MB must be"):
-            predict.memory_budget_bytes(torch.device("cpu"))
+            budget_from_the_environment(torch.device("cpu"))
 
 
 def test_a_containers_memory_limit_caps_the_machines_memory_in_cgroup_v2_or_v1(tmp_path, monkeypatch):
     v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
-    monkeypatch.setattr(predict, "CGROUP_MEMORY_LIMITS", (str(v2), str(v1)))
-    unlimited = predict.total_memory_bytes(torch.device("cpu"))  # neither file: the machine's RAM
+    monkeypatch.setattr(memory, "CGROUP_MEMORY_LIMITS", (str(v2), str(v1)))
+    unlimited = total_memory_bytes(torch.device("cpu"))  # neither file: the machine's RAM
     cases = [("max", str(2**62), unlimited[0]), ("max", str(2**30), 2**30), (None, str(2**31), 2**31)]
     cases.append((str(2**29), None, 2**29))
     for v2_text, v1_text, expected in cases:
@@ -280,17 +292,19 @@ def test_a_containers_memory_limit_caps_the_machines_memory_in_cgroup_v2_or_v1(t
             path.unlink(missing_ok=True)
             if text is not None:
                 path.write_text(text + "\n")
-        assert predict.total_memory_bytes(torch.device("cpu")) == (expected, "RAM"), (v2_text, v1_text)
+        assert total_memory_bytes(torch.device("cpu")) == (expected, "RAM"), (v2_text, v1_text)
 
 
 def test_the_refusal_names_the_inputs_the_budget_and_what_fits(predictor, output_root, monkeypatch):
-    needed = predictor.estimate_peak_bytes(256, 32, 4)
-    monkeypatch.setattr(predictor, "memory_budget", predictor.estimate_peak_bytes(256, 12, 4))
-    monkeypatch.setattr(predictor, "memory_budget_source", "a test budget")
+    needed = predictor.pipeline.estimate_peak_bytes(256, 32, 4)
+    budget = MemoryBudget(
+        predictor.pipeline.device, predictor.pipeline.estimate_peak_bytes(256, 12, 4), "a test budget"
+    )
+    monkeypatch.setattr(predictor.pipeline, "memory", budget)
     with pytest.raises(ValueError) as error:
         run_predictor(predictor, **{**SMALL, "num_cutouts": 32})
     message = str(error.value)
-    assert f"needs about {needed / 2**30:.2f} GB on {predictor.device.type}" in message
+    assert f"needs about {needed / 2**30:.2f} GB on {predictor.pipeline.device.type}" in message
     assert "size=256 with num_cutouts=32 and num_scales=4" in message and "(a test budget)" in message
     assert "num_cutouts=12 fits at size=256" in message
     assert not output_root.exists()  # refused before the output directory was touched
@@ -322,8 +336,8 @@ def test_the_estimate_covers_what_autograd_keeps_for_one_step(predictor, members
     from dip.loop import _render_and_score, _Run, default_precision
     from dip.settings import DipSettings
 
-    clip = predictor.models.clip
-    device = predictor.device
+    clip = predictor.pipeline.models.clip
+    device = predictor.pipeline.device
     settings = DipSettings(size=256, num_scales=4, num_cutouts=8, seed=0)
     runs = [_Run(settings, seed, clip, device) for seed in range(members)]
     targets = torch.nn.functional.normalize(torch.randn(members, clip.embed_dim, device=device), dim=-1)
@@ -331,7 +345,7 @@ def test_the_estimate_covers_what_autograd_keeps_for_one_step(predictor, members
     parameters = [*clip.parameters(), *(p for run in runs for p in run.net.parameters())]
     precision = default_precision(device)
     measured = saved_bytes(lambda: _render_and_score(runs, inputs, clip, targets, precision), parameters)
-    estimated = predictor.estimate_peak_bytes(256, 8, 4, members) - predictor.resident_bytes
+    estimated = predictor.pipeline.estimate_peak_bytes(256, 8, 4, members) - predictor.pipeline.resident_bytes
     assert measured <= estimated <= 2.5 * measured, (measured >> 20, estimated >> 20)
 
 
@@ -357,8 +371,8 @@ def test_the_estimate_covers_clip_vit_l14s_attention_in_bf16_on_the_cpu():
 
     def clip_part(heads):  # the estimate's transformer layers: less its network and cutouts
         shape = dict(clip_image_size=224, vit_tokens=257, vit_width=1024, precision="bf16")
-        with_layers = predict.estimate_peak_bytes(8, 8, 1, **shape, vit_layers=2, kept_score_heads=heads)
-        return with_layers - predict.estimate_peak_bytes(8, 8, 1, **shape, vit_layers=0)
+        with_layers = estimate_peak_bytes(8, 8, 1, **shape, vit_layers=2, kept_score_heads=heads)
+        return with_layers - estimate_peak_bytes(8, 8, 1, **shape, vit_layers=0)
 
     assert clip_part(0) < measured <= clip_part(16) <= 2.5 * measured, (clip_part(0) >> 20, measured >> 20)
 
@@ -367,7 +381,7 @@ def test_the_estimate_covers_clip_vit_l14s_attention_in_bf16_on_the_cpu():
 
 
 def test_out_of_memory_mid_run_is_reported_freed_and_the_next_run_succeeds(predictor, output_root, monkeypatch):
-    real = predict.visualise
+    real = runner.visualise_batch
     held: list[weakref.ref] = []
 
     def visualise_then_oom(*args, **kwargs):
@@ -384,20 +398,20 @@ def test_out_of_memory_mid_run_is_reported_freed_and_the_next_run_succeeds(predi
 
         return gen()
 
-    monkeypatch.setattr(predict, "visualise", visualise_then_oom)
+    monkeypatch.setattr(runner, "visualise_batch", visualise_then_oom)
     produced = []
     with pytest.raises(RuntimeError) as error:
         for path in predictor.run(**validate_inputs({"prompt": "a lighthouse", **SMALL, "iterations": 0})):
             produced.append(Path(path))
     message = str(error.value)
     assert type(error.value) is RuntimeError
-    assert f"out of memory on {predictor.device.type} during this run (size=256, num_cutouts=4)" in message
+    assert f"out of memory on {predictor.pipeline.device.type} during this run (size=256, num_cutouts=4)" in message
     assert "Tried to allocate 20.00 GiB" in message and "lower num_cutouts or size" in message
     assert len(produced) == 4  # the embeddings and one picture came out before the failure
     assert not any(path.exists() for path in produced)
     assert list(output_root.iterdir()) == []  # the run's files are gone
     assert held and held[0]() is None  # and so is the memory the failed step held
-    monkeypatch.setattr(predict, "visualise", real)
+    monkeypatch.setattr(runner, "visualise_batch", real)
     assert run_predictor(predictor, **{**SMALL, "iterations": 0})[-1].name == "result.json"
 
 
@@ -415,12 +429,12 @@ def test_out_of_memory_in_the_prior_is_reported_and_the_next_run_succeeds(predic
     def sample(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(predict, "sample_image_embeds", sample)
+    monkeypatch.setattr(runner, "sample_image_embeds", sample)
     with pytest.raises(RuntimeError, match=r"out of memory on \w+ during this run \(the prior\)"):
         run_predictor(predictor, **EMBED)
     assert list(output_root.iterdir()) == []
     monkeypatch.undo()
-    monkeypatch.setattr(predict, "OUTPUT_ROOT", output_root)
+    monkeypatch.setattr(predictor.pipeline, "output_root", output_root)
     assert {p.name for p in run_predictor(predictor, **EMBED)} == OUTPUT_NAMES
 
 
@@ -428,10 +442,39 @@ def test_other_errors_are_not_mistaken_for_out_of_memory(predictor, output_root,
     def sample(*args, **kwargs):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(predict, "sample_image_embeds", sample)
+    monkeypatch.setattr(runner, "sample_image_embeds", sample)
     with pytest.raises(RuntimeError, match="^shape mismatch$"):
         run_predictor(predictor, **EMBED)
     assert list(output_root.iterdir()) == []  # any failure removes the run's files
+
+
+# -- a server killed in mid-prediction ----------------------------------------------------------------
+
+
+def test_a_run_directory_of_a_server_killed_mid_prediction_goes_at_an_immediate_restart(tmp_path):
+    """``kill -9`` of the served process group (an out-of-memory kill, a container restart), then a
+    new server at once on the same output directory: the killed run's directory, seconds old, is
+    removed by the new server's setup."""
+    outputs = tmp_path / "outputs"
+    long_run = {"prompt": "a lighthouse", "iterations": 1000, "display_freq": 1, "num_scales": 4, "num_cutouts": 4}
+    killed = CogServer(output_dir=outputs, log_path=tmp_path / "killed.log").start()
+    try:
+        killed.wait_for_setup()
+        accepted = killed.post({"input": long_run}, headers={"Prefer": "respond-async"})
+        assert accepted.status_code == 202, accepted.text
+        deadline = time.monotonic() + 120
+        while not list(outputs.glob("run-*/step_0001.png")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (left,) = outputs.iterdir()
+        assert (left / "step_0001.png").is_file()
+        os.killpg(killed.process.pid, signal.SIGKILL)
+        killed.process.wait(timeout=30)
+    finally:
+        killed.stop()
+    assert left.is_dir()  # nothing ran to remove it
+    with CogServer(output_dir=outputs, log_path=tmp_path / "restarted.log") as restarted:
+        assert restarted.health()["status"] == "READY"
+        assert list(outputs.iterdir()) == []
 
 
 # -- outputs: not writable, full --------------------------------------------------------------------
@@ -445,7 +488,7 @@ def test_a_full_disk_fails_the_run_clearly_and_the_next_run_succeeds(predictor, 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(np, "save", save_then_full)
-    with pytest.raises(predict.OutputError) as error:
+    with pytest.raises(OutputError) as error:
         run_predictor(predictor, **EMBED)
     message = str(error.value)
     assert "text_tokens.npy: No space left on device" in message
@@ -457,8 +500,8 @@ def test_a_full_disk_fails_the_run_clearly_and_the_next_run_succeeds(predictor, 
 
 def test_an_output_dir_that_cannot_be_made_fails_the_run_clearly(predictor, tmp_path, monkeypatch):
     (tmp_path / "file").write_text("not a directory")
-    monkeypatch.setattr(predict, "OUTPUT_ROOT", tmp_path / "file" / "outputs")
-    with pytest.raises(predict.OutputError, match="cannot write the outputs: .*file/outputs: Not a directory"):
+    monkeypatch.setattr(predictor.pipeline, "output_root", tmp_path / "file" / "outputs")
+    with pytest.raises(OutputError, match="cannot write the outputs: .*file/outputs: Not a directory"):
         run_predictor(predictor, **EMBED)
 
 
@@ -484,8 +527,17 @@ def test_result_json_stays_strict_json_when_a_run_diverges(tmp_path):
         raise ValueError(f"not standard JSON: {constant}")
 
     nan, inf = float("nan"), float("inf")
-    data = {"final": {"loss": nan, "similarity_to_target": inf}, "outputs": [{"loss": -inf, "seed": 3}], "lr": 10.0}
-    path = predict.Predictor._write_json(tmp_path / "result.json", data)
+    data = Result(
+        inputs={"lr": 10.0},
+        seed=3,
+        device="cpu",
+        weights={"name": "tiny"},
+        final=FinalScore(loss=nan, similarity_to_target=inf),
+        outputs=[OutputPicture(file="best_01.png", loss=-inf, similarity_to_target=0.5, seed=3)],
+    )
+    path = tmp_path / "result.json"
+    path.write_text(data.to_json())
     result = json.loads(Path(path).read_text(), parse_constant=refuse)
     assert result["final"] == {"loss": None, "similarity_to_target": None}
-    assert result["outputs"] == [{"loss": None, "seed": 3}] and result["lr"] == 10.0
+    assert result["outputs"] == [{"file": "best_01.png", "loss": None, "similarity_to_target": 0.5, "seed": 3}]
+    assert result["inputs"]["lr"] == 10.0

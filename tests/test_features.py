@@ -15,8 +15,9 @@ import torch
 from http_server import decode_data_uri
 from PIL import Image
 
+from backbone.preprocess import clip_image_tensor
 from commands import didp as cli
-from pipeline.media import clip_image_tensor, load_image
+from pipeline.media import load_image
 from prior.manipulate import slerp
 from prior.weights import load_models
 
@@ -176,15 +177,14 @@ def test_best_of_n_writes_the_pictures_best_first_with_their_scores(server):
 
 
 def test_a_long_runs_progress_animation_is_thinned_to_its_pixel_budget(tmp_path, monkeypatch):
-    import predict
-    from pipeline.request import Request
+    from pipeline import media
 
     paths = []
     for k in range(30):  # 30 frames of 16 x 16, each its own grey
         paths.append(tmp_path / f"step_{k:04d}.png")
         Image.new("RGB", (16, 16), (8 * k, 8 * k, 8 * k)).save(paths[-1])
-    monkeypatch.setattr(predict, "MAX_ANIMATION_PIXELS", 10 * 16 * 16)
-    path = predict.Predictor._write_animation(tmp_path / "progress", [[p] for p in paths], Request(save_animation=True))
+    monkeypatch.setattr(media, "MAX_ANIMATION_PIXELS", 10 * 16 * 16)
+    path = media.animation_of_files([[p] for p in paths], tmp_path / "progress.webp", "webp")
     animation = Image.open(path)
     greys = []
     for index in range(animation.n_frames):
@@ -192,8 +192,8 @@ def test_a_long_runs_progress_animation_is_thinned_to_its_pixel_budget(tmp_path,
         greys.append(animation.convert("RGB").getpixel((8, 8))[0])
     expected = [8 * round(i * 29 / 9) for i in range(10)]  # 10 evenly spaced, the first and the last kept
     assert len(greys) == 10 and all(abs(g - e) <= 3 for g, e in zip(greys, expected, strict=True)), greys
-    assert predict.evenly_spaced(list(range(5)), 8) == [0, 1, 2, 3, 4]
-    assert predict.evenly_spaced(list(range(101)), 3) == [0, 50, 100]
+    assert media.evenly_spaced(list(range(5)), 8) == [0, 1, 2, 3, 4]
+    assert media.evenly_spaced(list(range(101)), 3) == [0, 50, 100]
 
 
 # -- the new inputs' bad values: 422 from the server, the same from didp -----------------------------------
@@ -275,19 +275,18 @@ def test_didp_runs_best_of_n_and_an_interpolation(tmp_path, capsys, monkeypatch)
 
 def visualised_targets(predictor, monkeypatch, tmp_path, **inputs) -> tuple[list[torch.Tensor], np.ndarray]:
     """The targets handed to the visualiser, and target_embeddings.npy (or image_embedding.npy)."""
-    import predict
+    from pipeline import runner
     from pipeline.validation import validate_inputs
 
-    monkeypatch.setattr(predict, "OUTPUT_ROOT", tmp_path)
+    monkeypatch.setattr(predictor.pipeline, "output_root", tmp_path)
     seen = []
-    for name in ("visualise", "visualise_batch"):
-        original = getattr(predict, name)
+    original = runner.visualise_batch
 
-        def spy(target, *args, _original=original, **kwargs):
-            seen.append(target.clone())
-            return _original(target, *args, **kwargs)
+    def spy(target, *args, **kwargs):
+        seen.append(target.clone())
+        return original(target, *args, **kwargs)
 
-        monkeypatch.setattr(predict, name, spy)
+    monkeypatch.setattr(runner, "visualise_batch", spy)
     values = validate_inputs({"prompt": "a lighthouse", **SMALL, "iterations": 0, **inputs})
     produced = {Path(p).name: Path(p) for p in predictor.run(**values)}
     saved = produced.get("target_embeddings.npy") or produced["image_embedding.npy"]
@@ -311,13 +310,13 @@ def test_a_sequence_and_best_of_n_hand_their_targets_over(predictor, monkeypatch
 
 
 def test_an_edit_that_changes_nothing_fails_before_the_prior_runs(predictor, monkeypatch, tmp_path):
-    import predict
+    from pipeline import runner
     from pipeline.validation import validate_inputs
 
-    monkeypatch.setattr(predict, "OUTPUT_ROOT", tmp_path)
+    monkeypatch.setattr(predictor.pipeline, "output_root", tmp_path)
     sampled = []
-    real = predict.sample_image_embeds
-    monkeypatch.setattr(predict, "sample_image_embeds", lambda *a, **k: sampled.append(1) or real(*a, **k))
+    real = runner.sample_image_embeds
+    monkeypatch.setattr(runner, "sample_image_embeds", lambda *a, **k: sampled.append(1) or real(*a, **k))
     # CLIP's tokenizer lowercases: the same tokens, the same embedding, no direction to edit in
     values = validate_inputs({"prompt": "a lighthouse", "edit_prompt": "A Lighthouse", **SMALL})
     with pytest.raises(ValueError, match="the two texts have the same embedding"):
@@ -326,10 +325,9 @@ def test_an_edit_that_changes_nothing_fails_before_the_prior_runs(predictor, mon
 
 
 def test_result_json_records_a_blank_optional_caption_as_not_given(predictor, monkeypatch, tmp_path):
-    import predict
     from pipeline.validation import validate_inputs
 
-    monkeypatch.setattr(predict, "OUTPUT_ROOT", tmp_path)
+    monkeypatch.setattr(predictor.pipeline, "output_root", tmp_path)
     values = validate_inputs({"prompt": "a lighthouse", **SMALL, "iterations": 0, "negative_prompt": "  "})
     produced = {Path(p).name: Path(p) for p in predictor.run(**values)}
     inputs = json.loads(produced["result.json"].read_text())["inputs"]

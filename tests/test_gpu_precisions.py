@@ -34,7 +34,7 @@ def gpu_precisions():
     ],
 )
 def test_the_prior_side_runs_in_fp16_and_gives_unit_float32_embeddings(gpu_precisions, inputs):
-    assert gpu_precisions.models.prior.net.dtype == torch.float16
+    assert gpu_precisions.pipeline.models.prior.net.dtype == torch.float16
     files = run_predictor(gpu_precisions, mode="embed", prior_steps=16, seed=5, **inputs)
     result = json.loads(files[-1].read_text())
     embeddings = [np.load(path) for path in files if path.suffix == ".npy"][1:]  # after the tokens

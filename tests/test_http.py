@@ -111,7 +111,7 @@ def test_result_json_records_inputs_seed_device_timings_and_similarities(visuali
     assert result["inputs"] == {**defaults, **SMALL}
     assert result["seed"] == SMALL["seed"]
     assert result["device"] == "cpu"  # CogServer hides any GPU
-    assert result["weights"] == "tiny"
+    assert result["weights"]["name"] == "tiny"
     assert set(result["timings"]) >= {"prior_seconds", "dip_seconds", "iterations_per_second"}
     assert all(seconds > 0 for seconds in result["timings"].values())
     final = result["final"]

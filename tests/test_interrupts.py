@@ -76,12 +76,13 @@ class Watched:
         return self.process.returncode, self.lines["out"], "\n".join(self.lines["err"])
 
 
-def start_didp(tmp_path: Path, *args: str) -> tuple[Watched, Path, Path]:
+def start_didp(tmp_path: Path, *args: str, out: Path | None = None) -> tuple[Watched, Path, Path]:
     """``didp`` (the command, as the shell runs it) on the tiny models in a process of its own, on
     the CPU, with its own temporary directory (where the server would find its downloaded inputs
-    and ``didp-outputs/``), with Ctrl-C handled even if this test runs where SIGINT is ignored."""
-    temp, out = tmp_path / "temp", tmp_path / "out"
-    temp.mkdir()
+    and ``didp-outputs/``; shared by the runs of one test), with Ctrl-C handled even if this test
+    runs where SIGINT is ignored. Its ``-o``: ``out``, default ``tmp_path / "out"``."""
+    temp, out = tmp_path / "temp", out or tmp_path / "out"
+    temp.mkdir(exist_ok=True)
     env = {**os.environ, "TMPDIR": str(temp), "DIDP_WEIGHTS": "tiny", "PYTHONPATH": str(ROOT)}
     env.update(CUDA_VISIBLE_DEVICES="")
     env.pop("DIDP_OUTPUT_DIR", None)
@@ -147,8 +148,10 @@ def test_main_returns_the_shells_exit_codes_for_signals():
     assert progress.interrupted(Terminated()) == "terminated after the run had finished: its files are in out"
 
 
-def test_a_run_directory_left_by_a_killed_process_is_removed_at_the_next_setup(tmp_path, monkeypatch):
-    import predict
+def test_a_run_directory_left_by_a_killed_process_is_removed_at_the_next_setup(tmp_path):
+    """However young it is: a directory is held from the moment it exists (``locks.make_held``), so
+    one that nobody holds was left behind, and no age needs guarding."""
+    from pipeline.runner import Pipeline
 
     run, temp, _ = start_didp(tmp_path, *LONG_RUN)
     run.wait_for("out", r"step_0001\.png")
@@ -157,20 +160,38 @@ def test_a_run_directory_left_by_a_killed_process_is_removed_at_the_next_setup(t
     root = temp / "didp-outputs"
     (left,) = root.iterdir()
     assert RUN_DIR.fullmatch(left.name) and (left / "step_0001.png").is_file()
-    old = time.time() - 2 * locks.MIN_AGE_SECONDS
-    os.utime(left, (old, old))
     live = root / "run-0123456789abcdef"  # another process's, in use
-    young = root / "run-fedcba9876543210"  # just made: its process may not hold it yet
     mine = root / "notes"  # not a run directory
-    for path in (live, young, mine):
-        path.mkdir()
     for path in (live, mine):
-        os.utime(path, (old, old))
+        path.mkdir()
     with held_by_another_process(live):
-        monkeypatch.setattr(predict, "OUTPUT_ROOT", root)
-        monkeypatch.setenv("DIDP_WEIGHTS", "tiny")
-        predict.Predictor().setup()
-        assert sorted(p.name for p in root.iterdir()) == sorted([live.name, young.name, mine.name])
+        Pipeline("tiny", output_root=root)  # at once: the killed run's directory is seconds old
+        assert sorted(p.name for p in root.iterdir()) == sorted([live.name, mine.name])
+
+
+def test_concurrent_didp_runs_never_remove_each_others_files(tmp_path):
+    """Three didp processes at once, sharing the temporary directory and so the root of their run
+    directories: a second run into the first's -o is refused and touches nothing there; a third,
+    into another -o, sets up (sweeping abandoned run directories) and finishes while the first is
+    still running; the first's directory and files are still there, whole, when it is stopped."""
+    first, temp, out = start_didp(tmp_path, *LONG_RUN)
+    first.wait_for("out", r"step_0001\.png")
+    (run_dir,) = (temp / "didp-outputs").iterdir()
+    embed = ["-i", "prompt=a blue cube", "-i", "mode=embed", "-i", "prior_steps=8"]
+    code, printed, err = start_didp(tmp_path, *embed)[0].finish()
+    assert code == 2 and "another didp run is writing there" in err and printed == []
+    other = tmp_path / "other"
+    code, printed, err = start_didp(tmp_path, *embed, out=other)[0].finish()
+    assert code == 0, err
+    assert [Path(p).name for p in printed][-1] == "result.json" and (other / "result.json").is_file()
+    assert first.process.poll() is None and (run_dir / "step_0001.png").is_file()
+    first.process.send_signal(signal.SIGINT)
+    code, printed, err = first.finish()
+    assert code == -signal.SIGINT, err
+    names = [Path(p).name for p in printed]
+    assert names[:4] == ["text_tokens.npy", "text_embedding.npy", "image_embedding.npy", "step_0001.png"]
+    assert all(Path(p).is_file() for p in printed) and "result.json" not in names
+    assert not run_dir.exists()  # gone with its run
 
 
 def test_remove_abandoned_leaves_links_files_and_held_directories(tmp_path):
@@ -189,7 +210,7 @@ def test_remove_abandoned_leaves_links_files_and_held_directories(tmp_path):
     try:
         with pytest.raises(locks.DirectoryBusy):
             locks.hold(held)  # another open of the same directory, even in this process
-        removed = locks.remove_abandoned(root, RUN_DIR, min_age=0)
+        removed = locks.remove_abandoned(root, RUN_DIR)
     finally:
         locks.release(lock)
     assert removed == [gone]
@@ -197,7 +218,7 @@ def test_remove_abandoned_leaves_links_files_and_held_directories(tmp_path):
         ["run-aaaaaaaaaaaaaaaa", "run-bbbbbbbbbbbbbbbb", "run-cccccccccccccccc"]
     )
     assert (target / "keep.txt").read_text() == "keep"
-    assert locks.remove_abandoned(root, RUN_DIR, min_age=0) == [held]  # released: now abandoned
+    assert locks.remove_abandoned(root, RUN_DIR) == [held]  # released: now abandoned
 
 
 def test_a_dropped_hold_releases_its_directory(tmp_path):

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile
 
-from pipeline.media import ImageInputError, clip_image_tensor, load_image, write_animation
+from backbone.preprocess import clip_image_tensor
+from pipeline.media import ImageInputError, load_image, write_animation
 from prior.factory import random_models
 
 ACCEPTED = "not a PNG, JPEG or WebP file"

@@ -7,8 +7,13 @@ import pytest
 from pipeline.request import DEFAULT_INTERPOLATION_STEPS, Request, text_or_none
 
 
+def check(**values) -> Request:
+    """``Request.check`` of a caption and ``values``."""
+    return Request.check(prompt="a lighthouse", **values)
+
+
 def test_every_input_at_its_default_passes():
-    request = Request.check()
+    request = check()
     assert (request.target_count, request.members, request.is_sequence) == (1, 1, False)
 
 
@@ -24,7 +29,7 @@ def test_every_input_at_its_default_passes():
     ],
 )
 def test_targets_and_members(values, count, members, sequence):
-    request = Request.check(**values)
+    request = check(**values)
     assert (request.target_count, request.members, request.is_sequence) == (count, members, sequence)
 
 
@@ -50,31 +55,31 @@ def test_targets_and_members(values, count, members, sequence):
 )
 def test_combinations_that_cannot_work_are_refused_by_name(values, message):
     with pytest.raises(ValueError, match=message):
-        Request.check(**values)
+        check(**values)
 
 
 def test_several_problems_are_reported_together():
     with pytest.raises(ValueError) as error:
-        Request.check(interpolation_steps=3, negative_weight=0.2)
+        check(interpolation_steps=3, negative_weight=0.2)
     assert "interpolation_steps needs" in str(error.value) and "negative_weight=0.2 needs" in str(error.value)
 
 
 def test_settings_at_their_defaults_or_with_what_they_need_pass():
-    assert Request.check(edit_strength=0.5, animation_format="webp").target_count == 1
-    assert Request.check(edit_prompt="at night", edit_strength=0.9).edit_strength == 0.9
-    assert Request.check(save_animation=True, animation_format="gif").animation_format == "gif"
-    assert Request.check(interpolate_to="a cat", animation_format="gif").animation_format == "gif"
-    assert Request.check(edit_prompt="a", interpolation_steps=2, animation_format="gif").is_sequence
+    assert check(edit_strength=0.5, animation_format="webp").target_count == 1
+    assert check(edit_prompt="at night", edit_strength=0.9).edit_strength == 0.9
+    assert check(save_animation=True, animation_format="gif").animation_format == "gif"
+    assert check(interpolate_to="a cat", animation_format="gif").animation_format == "gif"
+    assert check(edit_prompt="a", interpolation_steps=2, animation_format="gif").is_sequence
 
 
 def test_embed_mode_takes_sequences_and_negative_prompts():
-    assert Request.check(mode="embed", interpolate_to="a cat", negative_prompt="blur").target_count == 8
+    assert check(mode="embed", interpolate_to="a cat", negative_prompt="blur").target_count == 8
 
 
 @pytest.mark.parametrize("blank", ["", " ", "\t\n", "\u3000", None])
 def test_a_blank_optional_caption_counts_as_not_given(blank):
     assert text_or_none(blank) is None
     assert text_or_none(" a cat ") == " a cat "
-    request = Request.check(interpolate_to=blank, edit_prompt=blank, negative_prompt=blank, interpolation_steps=None)
+    request = check(interpolate_to=blank, edit_prompt=blank, negative_prompt=blank, interpolation_steps=None)
     assert (request.interpolate_to, request.edit_prompt, request.negative_prompt) == (None, None, None)
-    assert Request.check(negative_prompt=" blur ").negative_prompt == " blur "
+    assert check(negative_prompt=" blur ").negative_prompt == " blur "

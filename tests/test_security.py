@@ -153,7 +153,7 @@ def test_secrets_in_the_environment_reach_neither_logs_nor_result_json(servers):
 @pytest.mark.parametrize("prompt", TRAVERSAL_PROMPTS)
 def test_no_output_path_derives_from_the_prompt(predictor, tmp_path, monkeypatch, prompt):
     root = tmp_path / "outputs"
-    monkeypatch.setattr(predict, "OUTPUT_ROOT", root)
+    monkeypatch.setattr(predictor.pipeline, "output_root", root)
     # one run also draws a picture (step_0000.png); the names are the same for every prompt
     inputs = {**SMALL, "iterations": 0} if prompt == TRAVERSAL_PROMPTS[0] else EMBED
     produced = run_predictor(predictor, prompt=prompt, **inputs)
@@ -170,7 +170,7 @@ def test_no_output_path_derives_from_the_prompt(predictor, tmp_path, monkeypatch
 def test_no_output_path_derives_from_the_other_captions(predictor, tmp_path, monkeypatch, prompt):
     """interpolate_to, edit_prompt and negative_prompt name no file either: every name is fixed."""
     root = tmp_path / "outputs"
-    monkeypatch.setattr(predict, "OUTPUT_ROOT", root)
+    monkeypatch.setattr(predictor.pipeline, "output_root", root)
     small = {**SMALL, "iterations": 1, "interpolation_steps": 2, "save_animation": True}
     runs = [
         run_predictor(predictor, prompt="a lighthouse", interpolate_to=prompt, negative_prompt=prompt, **small),
@@ -186,7 +186,7 @@ def test_no_output_path_derives_from_the_other_captions(predictor, tmp_path, mon
 
 
 def test_no_network_access_while_handling_a_request(predictor, tmp_path, monkeypatch):
-    monkeypatch.setattr(predict, "OUTPUT_ROOT", tmp_path / "outputs")
+    monkeypatch.setattr(predictor.pipeline, "output_root", tmp_path / "outputs")
     attempts: list[str] = []
 
     def refuse(name):

@@ -1,0 +1,75 @@
+"""What ``result.json`` holds, defined in one place.
+
+A field that is left unset is left out of the file (``exclude_unset``): ``image`` only for a
+picture input, ``truncated_inputs`` only when a caption was cut at CLIP's 77 tokens,
+``prior_interpolate_to`` only for an interpolation, ``final`` only with pictures, ``outputs``
+only for pictures optimised together. A NaN or an infinity (a diverged run's loss) is written as
+``null``, so the file is always standard JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="null")
+
+
+class PriorChoice(_Model):
+    """How the prior's candidate was chosen: each candidate's cosine to the caption's text
+    embedding, the chosen one's index, and the sampling steps."""
+
+    candidate_similarities: list[float]
+    chosen_candidate: int
+    steps: int
+
+
+class PictureSize(_Model):
+    width: int
+    height: int
+
+
+class Score(_Model):
+    """One picture: its loss, and its CLIP embedding's cosine to its target and to the prompt's
+    text embedding (and to the negative prompt's, with one); ``seed`` for pictures optimised
+    together."""
+
+    loss: float | None
+    similarity_to_target: float | None
+    similarity_to_text: float | None = None
+    similarity_to_negative: float | None = None
+    seed: int | None = None
+
+
+class FinalScore(Score):
+    """The final (or best) picture's score, at its step."""
+
+    step: int | None = None
+
+
+class OutputPicture(Score):
+    """One of the final pictures of a run that optimised several together, by file name."""
+
+    file: str
+
+
+class Result(_Model):
+    inputs: dict[str, Any]
+    seed: int
+    device: str
+    weights: dict[str, str]
+    image: PictureSize | None = None
+    truncated_inputs: list[str] | None = None
+    prior: PriorChoice | None = None
+    prior_interpolate_to: PriorChoice | None = None
+    prompt_truncated: bool = False
+    final: FinalScore | None = None
+    outputs: list[OutputPicture] | None = None
+    timings: dict[str, float] = {}
+    versions: dict[str, str] = {}
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2, exclude_unset=True)
