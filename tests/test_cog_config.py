@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import torch
 import yaml
 
 from commands import cog_schema
@@ -16,6 +17,14 @@ from commands import cog_schema
 ROOT = Path(__file__).resolve().parent.parent
 # the cog tool's JSON schema for cog.yaml (replicate/cog, pkg/config/data/, commit of 2026-08-21)
 COG_CONFIG_SCHEMA = ROOT / "tests" / "data" / "cog_config_schema_v1.0.json"
+# The CUDA versions (major.minor) Cog has an nvidia/cuda base image for: replicate/cog,
+# pkg/config/cuda_compatibility.json (commit 6110c912 of 2026-08-21; every 13.0 image there has
+# cuDNN 9). For any other build.cuda, Cog's Complete() stops with "CUDA x.y is not supported by Cog".
+COG_CUDA_BASE_IMAGES = frozenset(
+    ["11.0", "11.1", "11.2", "11.3", "11.4", "11.5", "11.6", "11.7", "11.8"]
+    + ["12.0", "12.1", "12.2", "12.3", "12.4", "12.5", "12.6", "12.8", "12.9"]
+    + ["13.0", "13.1", "13.2"]
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +70,37 @@ def test_cog_yaml_runs_the_predictor_on_a_gpu_with_python_3_11(cog_yaml, pyproje
     assert cog_yaml["build"]["gpu"] is True
     assert cog_yaml["build"]["python_version"] == "3.11"
     assert pyproject["project"]["requires-python"] == ">=3.11,<3.12"
+
+
+def major_minor(version: str) -> str:
+    """``"13.0.2"`` or ``"13.0"`` -> ``"13.0"``."""
+    match = re.fullmatch(r"(\d+)\.(\d+)(?:\.\d+)*", version.strip())
+    assert match, f"not a CUDA version: {version!r}"
+    return f"{match[1]}.{match[2]}"
+
+
+def test_cog_yaml_pins_the_cuda_the_torch_wheel_is_built_for(cog_yaml, pyproject):
+    # Cog's torch table (replicate/cog, pkg/config/torch_compatibility.json) stops at torch 2.11,
+    # so without build.cuda `cog build` stops: "cog doesn't know what CUDA version is compatible
+    # with torch==2.14.1". With build.cuda set it installs the plain `torch==x.y.z` from PyPI,
+    # the wheel this environment has (the Makefile installs it the same way).
+    pinned = pins(pyproject["project"]["dependencies"])["torch"].removeprefix("==")
+    installed = torch.__version__.split("+")[0]
+    assert installed == pinned, f"the environment has torch {installed}, the image pins {pinned}: run `make install`"
+    if torch.version.cuda is None:
+        pytest.skip(f"torch {torch.__version__} here is a CPU build; nothing to compare build.cuda with")
+    wheel_cuda = major_minor(torch.version.cuda)
+    cuda = cog_yaml["build"].get("cuda")
+    assert isinstance(cuda, str) and major_minor(cuda) == wheel_cuda, (
+        f"cog.yaml has build.cuda {cuda!r}, but torch {torch.__version__} is built for CUDA {wheel_cuda}: "
+        f'set build.cuda: "{wheel_cuda}" in cog.yaml (quoted, major.minor) and update the CUDA and '
+        "driver paragraph under Hardware in README.md"
+    )
+    assert wheel_cuda in COG_CUDA_BASE_IMAGES, (
+        f"Cog (replicate/cog pkg/config/cuda_compatibility.json) has no base image for CUDA {wheel_cuda}: "
+        "use a torch wheel for a CUDA Cog knows, or a Cog release that knows this one "
+        "(and add it to COG_CUDA_BASE_IMAGES)"
+    )
 
 
 def test_image_requirements_pin_the_same_versions_as_pyproject(cog_yaml, pyproject):
