@@ -5,8 +5,9 @@
 - ``tiny``: random CLIP and prior from a fixed seed; no files; a pipeline check only.
 - ``laion``: LAION's ``prior_ema_fp16.pth`` from Hugging Face, converted once to safetensors
   in the weights directory, in the precision the network runs in (``prior-<dtype>.safetensors``,
-  memory-mapped at every later start); CLIP from the prior file when it carries ``clip.clip.*``, else
-  OpenAI's ViT-L/14 (open_clip's ``openai`` weights) from Hugging Face.
+  checked against its manifest and memory-mapped at every later start); CLIP from the prior file
+  when it carries ``clip.clip.*``, else OpenAI's ViT-L/14 (open_clip's ``openai`` weights) from
+  Hugging Face.
 - a directory holding ``prior.safetensors`` (see ``python -m prior.convert``) and, when the prior
   carries no CLIP, ``clip.safetensors``; or a single checkpoint file.
 
@@ -32,6 +33,7 @@ from backbone.hardware import cpu_has_native_bf16
 from .checkpoint import PREFIXES, Checkpoint, CheckpointError, check_shapes, materialize, save_safetensors
 from .config import PriorConfig
 from .factory import Models, Prior, random_models
+from .integrity import Manifest, file_sha256, manifest_path, read_manifest, verified_sha256, write_manifest
 from .model import PriorNetwork
 from .schedule import NoiseSchedule
 
@@ -219,19 +221,30 @@ def convert(source: Path, target: Path, dtype: torch.dtype | None = None) -> Pat
 
     With ``dtype`` the network's tensors are stored as it runs in that dtype, so that loading
     for that dtype maps the file instead of converting it; CLIP and the schedule keep theirs.
+    Beside it goes its manifest (``prior.integrity``: size, sha256, the source's name).
     """
     checkpoint = Checkpoint(source)
     checkpoint.check_prefixes()
     wanted = run_dtypes(checkpoint, dtype) if dtype is not None else {}
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_partials(target)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")  # one per process: no two writers share it
+    manifest = manifest_path(target)
+    for path in (target, manifest):
+        _remove_abandoned_partials(path)
+    # one partial per file and process: no two writers share one
+    partial, manifest_partial = (p.with_name(f"{p.name}.{os.getpid()}.partial") for p in (target, manifest))
     try:
         state = {name: t.to(wanted.get(name, t.dtype)) for name, t in checkpoint.tensors()}
         save_safetensors(state, partial, metadata={"source": source.name})
+        del state
+        size, digest = partial.stat().st_size, file_sha256(partial)  # of the file as written
+        write_manifest(Manifest(target.name, size, digest, source.name), manifest_partial)
         partial.replace(target)
+        # the manifest last: one that matches its file means the conversion completed, and a crash
+        # between the two renames leaves a file that fails its check and is converted again
+        manifest_partial.replace(manifest)
     finally:
         partial.unlink(missing_ok=True)
+        manifest_partial.unlink(missing_ok=True)
     _fsync_directory(target.parent)
     return target
 
@@ -267,19 +280,37 @@ def converted_name(dtype: torch.dtype) -> str:
     return f"prior-{str(dtype).removeprefix('torch.')}.safetensors"
 
 
-def laion_models(dtype: torch.dtype, device: torch.device | str) -> Models:
-    """LAION's prior, converted to safetensors on first use, and its CLIP."""
-    cache = weights_dir()
+def laion_prior(cache: Path, dtype: torch.dtype) -> tuple[Checkpoint, str]:
+    """LAION's prior converted for ``dtype`` and its sha256: the converted file if it matches its
+    manifest, else a new conversion of LAION's file (fetched if need be)."""
     converted = cache / "laion" / converted_name(dtype)
-    checkpoint = None
+    problem = None
     if converted.is_file():
         try:
-            checkpoint = Checkpoint(converted)  # reads the header and checks it against the file's size
+            digest = verified_sha256(converted)
+            return Checkpoint(converted), digest  # Checkpoint checks the header against the file's size
         except CheckpointError as error:
-            log.warning("%s is damaged, converting the checkpoint again: %s", converted, error)
-            converted.unlink(missing_ok=True)
-    if checkpoint is None:
-        checkpoint = Checkpoint(convert(fetch(LAION_PRIOR, cache), converted, dtype))
+            problem = error
+            log.warning("%s cannot be used, converting it again: %s", converted, error)
+    try:
+        source = fetch(LAION_PRIOR, cache)
+    except WeightsUnavailable as error:
+        if problem is None:
+            raise
+        raise WeightsUnavailable(
+            f"{converted} cannot be used and cannot be converted again: {problem}. Put good copies of "
+            f"{converted.name} and {manifest_path(converted).name} back in {converted.parent}, or provide the "
+            f"source: {error}"
+        ) from None
+    converted.unlink(missing_ok=True)  # frees its space for the new copy; only now that there will be one
+    convert(source, converted, dtype)
+    return Checkpoint(converted), read_manifest(converted).sha256
+
+
+def laion_models(dtype: torch.dtype, device: torch.device | str) -> Models:
+    """LAION's prior, converted to safetensors on first use and checked at every start, and its CLIP."""
+    cache = weights_dir()
+    checkpoint, _ = laion_prior(cache, dtype)
     clip_path = None if checkpoint.shapes(PREFIXES["clip"]) else fetch(OPENAI_CLIP, cache)
     return load_checkpoint_models(checkpoint, clip_path, dtype, device, "laion")
 

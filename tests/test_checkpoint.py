@@ -1,7 +1,10 @@
-"""Loading prior checkpoints: formats, wrappers, precision, errors, safety, sources."""
+"""Loading prior checkpoints: formats, wrappers, precision, errors, safety, sources, integrity."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import pickle
 import random
@@ -100,7 +103,8 @@ def test_a_state_dict_whose_tensors_share_memory_converts(tmp_path, prior_state,
     convert(tmp_path / "prior.pth", tmp_path / "out" / "prior.safetensors")
     converted = dict(Checkpoint(tmp_path / "out" / "prior.safetensors").tensors())
     assert converted.keys() == state.keys() and all(torch.equal(converted[k], v) for k, v in state.items())
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["prior.safetensors"]  # no partial file left
+    listing = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert listing == ["prior.safetensors", "prior.safetensors.manifest.json"]  # no partial file left
 
 
 def test_a_dalle2_trainer_checkpoint_loads(tmp_path, prior_state, clip_state):
@@ -128,8 +132,14 @@ def test_a_conversion_removes_partial_files_that_a_killed_conversion_left(tmp_pa
     dead, alive = 2**22 + 12345, os.getppid()  # a pid above Linux's maximum, and a running process
     for pid in (dead, alive):
         target.with_name(f"prior.safetensors.{pid}.partial").write_bytes(b"half a model")
+        target.with_name(f"prior.safetensors.manifest.json.{pid}.partial").write_bytes(b'{"fi')
     convert(tmp_path / "prior.pth", target)
-    assert {p.name for p in target.parent.iterdir()} == {"prior.safetensors", f"prior.safetensors.{alive}.partial"}
+    assert {p.name for p in target.parent.iterdir()} == {
+        "prior.safetensors",
+        "prior.safetensors.manifest.json",
+        f"prior.safetensors.{alive}.partial",
+        f"prior.safetensors.manifest.json.{alive}.partial",
+    }
 
 
 def test_convert_command_writes_safetensors(tmp_path, prior_state, clip_state):
@@ -410,3 +420,100 @@ def test_full_size_laion_layout_checkpoint_loads_and_samples(tmp_path):
         models.prior.net, models.prior.schedule, text, torch.Generator().manual_seed(0), steps=4, cond_scale=2.0
     )
     assert sample.image_embeds.shape == (1, 768) and torch.isfinite(sample.image_embeds).all()
+
+
+# -- integrity of converted files: a manifest of size and sha256 beside each ----------------------------
+
+
+def manifest_of(path: Path) -> Path:
+    return path.with_name(path.name + ".manifest.json")
+
+
+def flip_a_byte_of(path: Path, name: str) -> None:
+    """Change one byte in the data of tensor ``name`` of a safetensors file; header and size stay valid."""
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    begin, end = json.loads(data[8 : 8 + header_len])[name]["data_offsets"]
+    data[8 + header_len + (begin + end) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def laion_cache(tmp_path: Path, monkeypatch, state: dict, keep_source: bool = True) -> Path:
+    """``tmp_path`` as the weights directory after a first ``laion`` start in float32, offline from now on;
+    LAION's file stays in the hub cache unless not ``keep_source``. Returns the converted file."""
+    monkeypatch.setenv("DIDP_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = tmp_path / "download" / "prior_ema_fp16.pth"
+    source.parent.mkdir()
+    torch.save(state, source)
+    if keep_source:
+        fake_hub_cache(tmp_path, source.name, source)
+    return convert(source, tmp_path / "laion" / converted_name(torch.float32), torch.float32)
+
+
+def test_a_conversion_records_the_files_size_and_sha256_in_a_manifest_beside_it(tmp_path, prior_state, clip_state):
+    torch.save(full_state(prior_state, clip_state), tmp_path / "src.pth")
+    target = convert(tmp_path / "src.pth", tmp_path / "out" / "prior.safetensors")
+    data = target.read_bytes()
+    assert json.loads(manifest_of(target).read_text()) == {
+        "file": "prior.safetensors",
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "source": "src.pth",
+    }
+
+
+def test_the_convert_command_writes_the_manifest_too(tmp_path, prior_state, clip_state):
+    from prior.convert import main
+
+    torch.save(full_state(prior_state, clip_state), tmp_path / "in.pth")
+    assert main([str(tmp_path / "in.pth"), str(tmp_path / "prior.safetensors")]) == 0
+    recorded = json.loads(manifest_of(tmp_path / "prior.safetensors").read_text())["sha256"]
+    assert recorded == hashlib.sha256((tmp_path / "prior.safetensors").read_bytes()).hexdigest()
+
+
+def test_a_flipped_byte_in_the_converted_laion_file_is_found_and_converted_again(
+    tmp_path, monkeypatch, caplog, prior_state, clip_state
+):
+    converted = laion_cache(tmp_path, monkeypatch, full_state(prior_state, clip_state))
+    good = converted.read_bytes()
+    flip_a_byte_of(converted, "net.learned_query")
+    Checkpoint(converted)  # header and size still pass: only the checksum tells
+    with caplog.at_level(logging.WARNING, logger="prior.weights"):
+        models = load_models("laion", prior_dtype=torch.float32)
+    assert_loaded(models, prior_state)
+    assert converted.read_bytes() == good
+    assert f"{converted} cannot be used, converting it again" in caplog.text
+    assert f"sha256 {hashlib.sha256(good).hexdigest()}" in caplog.text  # what the manifest recorded
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"), [("delete", "missing"), ("garble", "unreadable")], ids=["missing", "unreadable"]
+)
+def test_a_converted_laion_file_without_a_readable_manifest_is_converted_again(
+    tmp_path, monkeypatch, caplog, prior_state, clip_state, damage, reason
+):
+    """As a cache filled before manifests were recorded, or one whose manifest was damaged, is."""
+    converted = laion_cache(tmp_path, monkeypatch, full_state(prior_state, clip_state))
+    manifest = manifest_of(converted)
+    manifest.unlink() if damage == "delete" else manifest.write_text('{"file": "prior-float32.safet')
+    with caplog.at_level(logging.WARNING, logger="prior.weights"):
+        assert_loaded(load_models("laion", prior_dtype=torch.float32), prior_state)
+    assert f"{manifest}: {reason}" in caplog.text
+    assert json.loads(manifest.read_text())["sha256"] == hashlib.sha256(converted.read_bytes()).hexdigest()
+
+
+def test_a_damaged_converted_laion_file_that_cannot_be_converted_again_is_refused_saying_what_to_do(
+    tmp_path, monkeypatch, prior_state, clip_state
+):
+    converted = laion_cache(tmp_path, monkeypatch, full_state(prior_state, clip_state), keep_source=False)
+    flip_a_byte_of(converted, "net.learned_query")
+    damaged = converted.read_bytes()
+    with pytest.raises(WeightsUnavailable) as error:
+        load_models("laion", prior_dtype=torch.float32)
+    message = str(error.value)
+    assert message.startswith(f"{converted} cannot be used and cannot be converted again: {converted}: sha256 ")
+    restore = f"Put good copies of {converted.name} and {manifest_of(converted).name} back in {converted.parent}"
+    assert restore in message
+    assert "prior_ema_fp16.pth" in message and "huggingface.co/laion/DALLE2-PyTorch" in message  # the source
+    assert converted.read_bytes() == damaged  # nothing removed that could not be replaced
