@@ -73,8 +73,14 @@ def read_manifest(path: Path) -> Manifest:
     return manifest
 
 
-def verified_sha256(path: Path) -> str:
-    """The sha256 of ``path``, checked against its manifest: a ``CheckpointError`` if they differ."""
+def verified_sha256(path: Path, required: bool = True) -> str:
+    """The sha256 of ``path``, checked against its manifest: a ``CheckpointError`` if they differ.
+
+    Without ``required`` a file with no manifest is only hashed (a user's own files); one that has
+    a manifest is still checked, at no extra cost.
+    """
+    if not required and not manifest_path(path).exists():
+        return file_sha256(path)
     manifest = read_manifest(path)
     recorded = f"{manifest_path(path).name} records"
     size = path.stat().st_size

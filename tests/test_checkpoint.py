@@ -1,4 +1,4 @@
-"""Loading prior checkpoints: formats, wrappers, precision, errors, safety, sources, integrity."""
+"""Loading prior checkpoints: formats, wrappers, precision, errors, safety, sources, integrity, identity."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import socket
 import threading
 import time
@@ -17,7 +18,8 @@ import pytest
 import torch
 from conftest import LAION_PRIOR, SMALL_PRIOR, oracle_prior
 
-from prior.checkpoint import Checkpoint, CheckpointError
+from prior.checkpoint import Checkpoint, CheckpointError, save_safetensors
+from prior.factory import WeightsIdentity
 from prior.sampling import sample_image_embeds
 from prior.weights import PROXY_VARIABLES, WeightsUnavailable, convert, converted_name, load_models
 
@@ -517,3 +519,103 @@ def test_a_damaged_converted_laion_file_that_cannot_be_converted_again_is_refuse
     assert restore in message
     assert "prior_ema_fp16.pth" in message and "huggingface.co/laion/DALLE2-PyTorch" in message  # the source
     assert converted.read_bytes() == damaged  # nothing removed that could not be replaced
+
+
+def test_a_users_converted_file_that_contradicts_its_manifest_is_refused(tmp_path, prior_state, clip_state):
+    """Directory weights need no manifest; one that ``python -m prior.convert`` wrote beside them is checked."""
+    torch.save(full_state(prior_state, clip_state), tmp_path / "src.pth")
+    target = convert(tmp_path / "src.pth", tmp_path / "mine" / "prior.safetensors")
+    flip_a_byte_of(target, "net.learned_query")
+    expected = r"mine/prior.safetensors: sha256 [0-9a-f]{64}, but prior.safetensors.manifest.json records sha256 "
+    with pytest.raises(CheckpointError, match=expected):
+        load_models(tmp_path / "mine", prior_dtype=torch.float32)
+
+
+# -- identity: which weights were loaded, by name and content hash, never by path -------------------------
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_tiny_weights_have_the_same_identity_at_every_load_in_any_precision():
+    """The identity of the generated weights, before the prior is cast to the precision it runs in."""
+    first = load_models("tiny", prior_dtype=torch.float32).identity
+    assert first == load_models("tiny", prior_dtype=torch.float32).identity
+    assert first == load_models("tiny", prior_dtype=torch.bfloat16).identity
+    assert first.name == "tiny" and re.fullmatch("[0-9a-f]{64}", first.sha256)
+
+
+def test_a_directory_is_identified_by_its_name_and_the_sha256_of_the_file_loaded(tmp_path, prior_state, clip_state):
+    weights = tmp_path / "server" / "mine"
+    weights.mkdir(parents=True)
+    torch.save(full_state(prior_state, clip_state), weights / "prior.pth")
+    identity = load_models(weights, prior_dtype=torch.float32).identity
+    assert identity.to_dict() == {"name": "mine", "sha256": sha256_of(weights / "prior.pth")}
+    assert "/" not in json.dumps(identity.to_dict())
+
+
+def test_a_single_file_is_identified_by_its_file_name(tmp_path, prior_state, clip_state):
+    torch.save(full_state(prior_state, clip_state), tmp_path / "prior.pth")
+    identity = load_models(tmp_path / ".." / tmp_path.name / "prior.pth", prior_dtype=torch.float32).identity
+    assert identity == WeightsIdentity("prior.pth", sha256_of(tmp_path / "prior.pth"))
+
+
+def test_different_checkpoints_have_different_identities_under_the_same_name(tmp_path, prior_state, clip_state):
+    state = full_state(prior_state, clip_state)
+    other = {**state, "net.learned_query": state["net.learned_query"] + 1}  # one tensor retrained
+    identities = []
+    for host, weights in (("a", state), ("b", other)):
+        (tmp_path / host / "weights").mkdir(parents=True)
+        torch.save(weights, tmp_path / host / "weights" / "prior.pth")
+        identities.append(load_models(tmp_path / host / "weights", prior_dtype=torch.float32).identity)
+    assert identities[0].name == identities[1].name == "weights"
+    assert identities[0].sha256 != identities[1].sha256
+
+
+def test_a_prior_with_a_separate_clip_file_is_identified_by_both_files(tmp_path, prior_state, clip_state):
+    """The sha256 of the two files' hex digests, prior first, one per line."""
+    torch.save({k: v.half() for k, v in prior_state.items()}, tmp_path / "prior.pth")
+    save_safetensors(clip_state, tmp_path / "clip.safetensors")
+    identity = load_models(tmp_path, prior_dtype=torch.float32).identity
+    both = f"{sha256_of(tmp_path / 'prior.pth')}\n{sha256_of(tmp_path / 'clip.safetensors')}"
+    assert identity.sha256 == hashlib.sha256(both.encode()).hexdigest()
+
+
+def test_a_clip_file_that_is_not_loaded_is_not_part_of_the_identity(tmp_path, prior_state, clip_state):
+    torch.save(full_state(prior_state, clip_state), tmp_path / "prior.pth")  # carries its own CLIP
+    save_safetensors(clip_state, tmp_path / "clip.safetensors")
+    assert load_models(tmp_path, prior_dtype=torch.float32).identity.sha256 == sha256_of(tmp_path / "prior.pth")
+
+
+def test_laion_weights_are_identified_by_the_sha256_their_manifest_records(
+    tmp_path, monkeypatch, prior_state, clip_state
+):
+    converted = laion_cache(tmp_path, monkeypatch, full_state(prior_state, clip_state))
+    recorded = json.loads(manifest_of(converted).read_text())["sha256"]
+    assert load_models("laion", prior_dtype=torch.float32).identity == WeightsIdentity("laion", recorded)
+
+
+@pytest.mark.parametrize("layout", ["hub blob", "plain copy"])
+def test_laion_weights_with_openais_clip_are_identified_by_both_files(
+    tmp_path, monkeypatch, prior_state, clip_state, layout
+):
+    """The hub's cache names a large file's blob by its sha256, which is taken as it is; a plain copy is hashed."""
+    converted = laion_cache(tmp_path, monkeypatch, {k: v.half() for k, v in prior_state.items()})
+    clip = tmp_path / "clip.safetensors"
+    save_safetensors(clip_state, clip)
+    snapshot = tmp_path / "models--timm--vit_large_patch14_clip_224.openai" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    if layout == "hub blob":
+        blob = snapshot.parent.parent / "blobs" / sha256_of(clip)
+        blob.parent.mkdir()
+        clip.rename(blob)
+        (snapshot / "open_clip_model.safetensors").symlink_to(Path("../../blobs") / blob.name)
+    else:
+        clip.rename(snapshot / "open_clip_model.safetensors")
+    identity = load_models("laion", prior_dtype=torch.float32).identity
+    prior_sha256 = json.loads(manifest_of(converted).read_text())["sha256"]
+    clip_sha256 = sha256_of(snapshot / "open_clip_model.safetensors")
+    assert identity == WeightsIdentity("laion", hashlib.sha256(f"{prior_sha256}\n{clip_sha256}".encode()).hexdigest())
