@@ -5,7 +5,8 @@
 The result keeps the checkpoint's tensor names (and, unless ``--dtype`` says otherwise, its
 precision) and loads without unpickling: point ``DIDP_WEIGHTS`` at its directory. A file stored
 in the precision the network runs in (``--dtype bfloat16`` on a CPU, ``float16`` on CUDA; name it
-``prior-<dtype>.safetensors``) is memory-mapped instead of converted at every start.
+``prior-<dtype>.safetensors``) is memory-mapped instead of converted at every start. Beside the
+result goes its manifest, ``<target>.manifest.json`` (size and sha256, see ``prior.integrity``).
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@
 - ``tiny``: random CLIP and prior from a fixed seed; no files; a pipeline check only.
 - ``laion``: LAION's ``prior_ema_fp16.pth`` from Hugging Face, converted once to safetensors
   in the weights directory, in the precision the network runs in (``prior-<dtype>.safetensors``,
-  memory-mapped at every later start); CLIP from the prior file when it carries ``clip.clip.*``, else
-  OpenAI's ViT-L/14 (open_clip's ``openai`` weights) from Hugging Face.
+  checked against its manifest and memory-mapped at every later start); CLIP from the prior file
+  when it carries ``clip.clip.*``, else OpenAI's ViT-L/14 (open_clip's ``openai`` weights) from
+  Hugging Face.
 - a directory holding ``prior.safetensors`` (see ``python -m prior.convert``) and, when the prior
   carries no CLIP, ``clip.safetensors``; or a single checkpoint file.
 
@@ -31,7 +32,16 @@ from backbone.hardware import cpu_has_native_bf16
 
 from .checkpoint import PREFIXES, Checkpoint, CheckpointError, check_shapes, materialize, save_safetensors
 from .config import PriorConfig
-from .factory import Models, Prior, random_models
+from .factory import Models, Prior, WeightsIdentity, combined_sha256, random_models
+from .integrity import (
+    SHA256_HEX,
+    Manifest,
+    file_sha256,
+    manifest_path,
+    read_manifest,
+    verified_sha256,
+    write_manifest,
+)
 from .model import PriorNetwork
 from .schedule import NoiseSchedule
 
@@ -122,6 +132,17 @@ def fetch(file: HubFile, cache_dir: Path) -> Path:
     return Path(hf_hub_download(file.repo_id, file.filename, cache_dir=cache_dir))
 
 
+def hub_file_sha256(path: Path) -> str:
+    """The sha256 of a file ``fetch`` returned, read from its name when the hub's cache gives it.
+
+    The cache keeps a large (LFS) file as ``blobs/<sha256 of its content>``, linked from its
+    snapshot: OpenAI's CLIP (1.7 GB, about a second to hash) is then not read at every start just
+    to be named. A file elsewhere (a copied cache without links) is hashed.
+    """
+    blob = path.resolve()
+    return blob.name if SHA256_HEX.fullmatch(blob.name) else file_sha256(path)
+
+
 def prior_config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> PriorConfig:
     """Read the network's hyper-parameters off a ``net.*`` state dict's shapes."""
     anchors = ("learned_query", "to_time_embeds.0.weight", "causal_transformer.layers.0.0.null_kv")
@@ -186,7 +207,12 @@ def load_clip(checkpoint: Checkpoint, prefix: str = "", device: torch.device | s
 
 
 def load_checkpoint_models(
-    checkpoint: Checkpoint, clip_path: Path | None, dtype: torch.dtype, device: torch.device | str, name: str
+    checkpoint: Checkpoint,
+    clip_path: Path | None,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    name: str,
+    identity: WeightsIdentity,
 ) -> Models:
     """Prior from ``checkpoint``; CLIP from it when it carries ``clip.clip.*``, else from ``clip_path``."""
     prior_path = checkpoint.path
@@ -203,7 +229,7 @@ def load_checkpoint_models(
             f"{clip_source}: CLIP embeds in {clip.embed_dim} dimensions but the prior expects {prior.config.dim}"
             + ("" if clip_source == prior_path else f" (prior: {prior_path})")
         )
-    return Models(clip, prior, name)
+    return Models(clip, prior, name, identity)
 
 
 def run_dtypes(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -219,19 +245,30 @@ def convert(source: Path, target: Path, dtype: torch.dtype | None = None) -> Pat
 
     With ``dtype`` the network's tensors are stored as it runs in that dtype, so that loading
     for that dtype maps the file instead of converting it; CLIP and the schedule keep theirs.
+    Beside it goes its manifest (``prior.integrity``: size, sha256, the source's name).
     """
     checkpoint = Checkpoint(source)
     checkpoint.check_prefixes()
     wanted = run_dtypes(checkpoint, dtype) if dtype is not None else {}
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_partials(target)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")  # one per process: no two writers share it
+    manifest = manifest_path(target)
+    for path in (target, manifest):
+        _remove_abandoned_partials(path)
+    # one partial per file and process: no two writers share one
+    partial, manifest_partial = (p.with_name(f"{p.name}.{os.getpid()}.partial") for p in (target, manifest))
     try:
         state = {name: t.to(wanted.get(name, t.dtype)) for name, t in checkpoint.tensors()}
         save_safetensors(state, partial, metadata={"source": source.name})
+        del state
+        size, digest = partial.stat().st_size, file_sha256(partial)  # of the file as written
+        write_manifest(Manifest(target.name, size, digest, source.name), manifest_partial)
         partial.replace(target)
+        # the manifest last: one that matches its file means the conversion completed, and a crash
+        # between the two renames leaves a file that fails its check and is converted again
+        manifest_partial.replace(manifest)
     finally:
         partial.unlink(missing_ok=True)
+        manifest_partial.unlink(missing_ok=True)
     _fsync_directory(target.parent)
     return target
 
@@ -267,26 +304,48 @@ def converted_name(dtype: torch.dtype) -> str:
     return f"prior-{str(dtype).removeprefix('torch.')}.safetensors"
 
 
-def laion_models(dtype: torch.dtype, device: torch.device | str) -> Models:
-    """LAION's prior, converted to safetensors on first use, and its CLIP."""
-    cache = weights_dir()
+def laion_prior(cache: Path, dtype: torch.dtype) -> tuple[Checkpoint, str]:
+    """LAION's prior converted for ``dtype`` and its sha256: the converted file if it matches its
+    manifest, else a new conversion of LAION's file (fetched if need be)."""
     converted = cache / "laion" / converted_name(dtype)
-    checkpoint = None
+    problem = None
     if converted.is_file():
         try:
-            checkpoint = Checkpoint(converted)  # reads the header and checks it against the file's size
+            digest = verified_sha256(converted)
+            return Checkpoint(converted), digest  # Checkpoint checks the header against the file's size
         except CheckpointError as error:
-            log.warning("%s is damaged, converting the checkpoint again: %s", converted, error)
-            converted.unlink(missing_ok=True)
-    if checkpoint is None:
-        checkpoint = Checkpoint(convert(fetch(LAION_PRIOR, cache), converted, dtype))
-    clip_path = None if checkpoint.shapes(PREFIXES["clip"]) else fetch(OPENAI_CLIP, cache)
-    return load_checkpoint_models(checkpoint, clip_path, dtype, device, "laion")
+            problem = error
+            log.warning("%s cannot be used, converting it again: %s", converted, error)
+    try:
+        source = fetch(LAION_PRIOR, cache)
+    except WeightsUnavailable as error:
+        if problem is None:
+            raise
+        raise WeightsUnavailable(
+            f"{converted} cannot be used and cannot be converted again: {problem}. Put good copies of "
+            f"{converted.name} and {manifest_path(converted).name} back in {converted.parent}, or provide the "
+            f"source: {error}"
+        ) from None
+    converted.unlink(missing_ok=True)  # frees its space for the new copy; only now that there will be one
+    convert(source, converted, dtype)
+    return Checkpoint(converted), read_manifest(converted).sha256
 
 
-def directory_models(path: Path, dtype: torch.dtype, device: torch.device | str) -> Models:
-    if path.is_file():
-        return load_checkpoint_models(Checkpoint(path), None, dtype, device, str(path))
+def laion_models(dtype: torch.dtype, device: torch.device | str) -> Models:
+    """LAION's prior, converted to safetensors on first use and checked at every start, and its CLIP."""
+    cache = weights_dir()
+    checkpoint, prior_sha256 = laion_prior(cache, dtype)  # the manifest's hash: the file is not read again
+    if checkpoint.shapes(PREFIXES["clip"]):
+        clip_path, digests = None, [prior_sha256]
+    else:
+        clip_path = fetch(OPENAI_CLIP, cache)
+        digests = [prior_sha256, hub_file_sha256(clip_path)]
+    identity = WeightsIdentity("laion", combined_sha256(digests))
+    return load_checkpoint_models(checkpoint, clip_path, dtype, device, "laion", identity)
+
+
+def directory_files(path: Path, dtype: torch.dtype) -> tuple[Path, Path | None]:
+    """The prior checkpoint in a user's directory, and its ``clip.safetensors`` if there is one."""
     prior_path = next((p for p in (path / converted_name(dtype), path / PRIOR_FILE) if p.is_file()), None)
     if prior_path is None:
         candidates = sorted(p for p in path.glob("*.pth")) if path.is_dir() else []
@@ -294,8 +353,23 @@ def directory_models(path: Path, dtype: torch.dtype, device: torch.device | str)
             raise WeightsUnavailable(f"{path}: expected {PRIOR_FILE} (python -m prior.convert) or a single .pth file")
         prior_path = candidates[0]
     clip_path = path / CLIP_FILE
-    clip = clip_path if clip_path.is_file() else None
-    return load_checkpoint_models(Checkpoint(prior_path), clip, dtype, device, str(path))
+    return prior_path, clip_path if clip_path.is_file() else None
+
+
+def directory_models(path: Path, dtype: torch.dtype, device: torch.device | str) -> Models:
+    """The weights in a user's directory, or a single checkpoint file, identified by the files loaded."""
+    prior_path, clip_path = (path, None) if path.is_file() else directory_files(path, dtype)
+    checkpoint = Checkpoint(prior_path)
+    if checkpoint.shapes(PREFIXES["clip"]):
+        clip_path = None  # the prior's own CLIP is loaded, not a clip.safetensors beside it
+    files = [prior_path] if clip_path is None else [prior_path, clip_path]
+    # one read of each file, which pages it in for the loading (or re-reads what a .pth's CRC check
+    # paged in); a manifest that python -m prior.convert wrote beside a file is checked on the way
+    identity = WeightsIdentity(
+        Path(os.path.abspath(path)).name,  # the name given (".." resolved, links not followed), never a path
+        combined_sha256([verified_sha256(file, required=False) for file in files]),
+    )
+    return load_checkpoint_models(checkpoint, clip_path, dtype, device, str(path), identity)
 
 
 def default_prior_dtype(device: torch.device) -> torch.dtype:

@@ -1,10 +1,14 @@
-"""Loading prior checkpoints: formats, wrappers, precision, errors, safety, sources."""
+"""Loading prior checkpoints: formats, wrappers, precision, errors, safety, sources, integrity, identity."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import pickle
 import random
+import re
 import socket
 import threading
 import time
@@ -14,7 +18,8 @@ import pytest
 import torch
 from conftest import LAION_PRIOR, SMALL_PRIOR, oracle_prior
 
-from prior.checkpoint import Checkpoint, CheckpointError
+from prior.checkpoint import Checkpoint, CheckpointError, save_safetensors
+from prior.factory import WeightsIdentity
 from prior.sampling import sample_image_embeds
 from prior.weights import PROXY_VARIABLES, WeightsUnavailable, convert, converted_name, load_models
 
@@ -100,7 +105,8 @@ def test_a_state_dict_whose_tensors_share_memory_converts(tmp_path, prior_state,
     convert(tmp_path / "prior.pth", tmp_path / "out" / "prior.safetensors")
     converted = dict(Checkpoint(tmp_path / "out" / "prior.safetensors").tensors())
     assert converted.keys() == state.keys() and all(torch.equal(converted[k], v) for k, v in state.items())
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["prior.safetensors"]  # no partial file left
+    listing = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert listing == ["prior.safetensors", "prior.safetensors.manifest.json"]  # no partial file left
 
 
 def test_a_dalle2_trainer_checkpoint_loads(tmp_path, prior_state, clip_state):
@@ -128,8 +134,14 @@ def test_a_conversion_removes_partial_files_that_a_killed_conversion_left(tmp_pa
     dead, alive = 2**22 + 12345, os.getppid()  # a pid above Linux's maximum, and a running process
     for pid in (dead, alive):
         target.with_name(f"prior.safetensors.{pid}.partial").write_bytes(b"half a model")
+        target.with_name(f"prior.safetensors.manifest.json.{pid}.partial").write_bytes(b'{"fi')
     convert(tmp_path / "prior.pth", target)
-    assert {p.name for p in target.parent.iterdir()} == {"prior.safetensors", f"prior.safetensors.{alive}.partial"}
+    assert {p.name for p in target.parent.iterdir()} == {
+        "prior.safetensors",
+        "prior.safetensors.manifest.json",
+        f"prior.safetensors.{alive}.partial",
+        f"prior.safetensors.manifest.json.{alive}.partial",
+    }
 
 
 def test_convert_command_writes_safetensors(tmp_path, prior_state, clip_state):
@@ -410,3 +422,200 @@ def test_full_size_laion_layout_checkpoint_loads_and_samples(tmp_path):
         models.prior.net, models.prior.schedule, text, torch.Generator().manual_seed(0), steps=4, cond_scale=2.0
     )
     assert sample.image_embeds.shape == (1, 768) and torch.isfinite(sample.image_embeds).all()
+
+
+# -- integrity of converted files: a manifest of size and sha256 beside each ----------------------------
+
+
+def manifest_of(path: Path) -> Path:
+    return path.with_name(path.name + ".manifest.json")
+
+
+def flip_a_byte_of(path: Path, name: str) -> None:
+    """Change one byte in the data of tensor ``name`` of a safetensors file; header and size stay valid."""
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    begin, end = json.loads(data[8 : 8 + header_len])[name]["data_offsets"]
+    data[8 + header_len + (begin + end) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def laion_cache(tmp_path: Path, monkeypatch, state: dict, keep_source: bool = True) -> Path:
+    """``tmp_path`` as the weights directory after a first ``laion`` start in float32, offline from now on;
+    LAION's file stays in the hub cache unless not ``keep_source``. Returns the converted file."""
+    monkeypatch.setenv("DIDP_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = tmp_path / "download" / "prior_ema_fp16.pth"
+    source.parent.mkdir()
+    torch.save(state, source)
+    if keep_source:
+        fake_hub_cache(tmp_path, source.name, source)
+    return convert(source, tmp_path / "laion" / converted_name(torch.float32), torch.float32)
+
+
+def test_a_conversion_records_the_files_size_and_sha256_in_a_manifest_beside_it(tmp_path, prior_state, clip_state):
+    torch.save(full_state(prior_state, clip_state), tmp_path / "src.pth")
+    target = convert(tmp_path / "src.pth", tmp_path / "out" / "prior.safetensors")
+    data = target.read_bytes()
+    assert json.loads(manifest_of(target).read_text()) == {
+        "file": "prior.safetensors",
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "source": "src.pth",
+    }
+
+
+def test_the_convert_command_writes_the_manifest_too(tmp_path, prior_state, clip_state):
+    from prior.convert import main
+
+    torch.save(full_state(prior_state, clip_state), tmp_path / "in.pth")
+    assert main([str(tmp_path / "in.pth"), str(tmp_path / "prior.safetensors")]) == 0
+    recorded = json.loads(manifest_of(tmp_path / "prior.safetensors").read_text())["sha256"]
+    assert recorded == hashlib.sha256((tmp_path / "prior.safetensors").read_bytes()).hexdigest()
+
+
+def test_a_flipped_byte_in_the_converted_laion_file_is_found_and_converted_again(
+    tmp_path, monkeypatch, caplog, prior_state, clip_state
+):
+    converted = laion_cache(tmp_path, monkeypatch, full_state(prior_state, clip_state))
+    good = converted.read_bytes()
+    flip_a_byte_of(converted, "net.learned_query")
+    Checkpoint(converted)  # header and size still pass: only the checksum tells
+    with caplog.at_level(logging.WARNING, logger="prior.weights"):
+        models = load_models("laion", prior_dtype=torch.float32)
+    assert_loaded(models, prior_state)
+    assert converted.read_bytes() == good
+    assert f"{converted} cannot be used, converting it again" in caplog.text
+    assert f"sha256 {hashlib.sha256(good).hexdigest()}" in caplog.text  # what the manifest recorded
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"), [("delete", "missing"), ("garble", "unreadable")], ids=["missing", "unreadable"]
+)
+def test_a_converted_laion_file_without_a_readable_manifest_is_converted_again(
+    tmp_path, monkeypatch, caplog, prior_state, clip_state, damage, reason
+):
+    """As a cache filled before manifests were recorded, or one whose manifest was damaged, is."""
+    converted = laion_cache(tmp_path, monkeypatch, full_state(prior_state, clip_state))
+    manifest = manifest_of(converted)
+    manifest.unlink() if damage == "delete" else manifest.write_text('{"file": "prior-float32.safet')
+    with caplog.at_level(logging.WARNING, logger="prior.weights"):
+        assert_loaded(load_models("laion", prior_dtype=torch.float32), prior_state)
+    assert f"{manifest}: {reason}" in caplog.text
+    assert json.loads(manifest.read_text())["sha256"] == hashlib.sha256(converted.read_bytes()).hexdigest()
+
+
+def test_a_damaged_converted_laion_file_that_cannot_be_converted_again_is_refused_saying_what_to_do(
+    tmp_path, monkeypatch, prior_state, clip_state
+):
+    converted = laion_cache(tmp_path, monkeypatch, full_state(prior_state, clip_state), keep_source=False)
+    flip_a_byte_of(converted, "net.learned_query")
+    damaged = converted.read_bytes()
+    with pytest.raises(WeightsUnavailable) as error:
+        load_models("laion", prior_dtype=torch.float32)
+    message = str(error.value)
+    assert message.startswith(f"{converted} cannot be used and cannot be converted again: {converted}: sha256 ")
+    restore = f"Put good copies of {converted.name} and {manifest_of(converted).name} back in {converted.parent}"
+    assert restore in message
+    assert "prior_ema_fp16.pth" in message and "huggingface.co/laion/DALLE2-PyTorch" in message  # the source
+    assert converted.read_bytes() == damaged  # nothing removed that could not be replaced
+
+
+def test_a_users_converted_file_that_contradicts_its_manifest_is_refused(tmp_path, prior_state, clip_state):
+    """Directory weights need no manifest; one that ``python -m prior.convert`` wrote beside them is checked."""
+    torch.save(full_state(prior_state, clip_state), tmp_path / "src.pth")
+    target = convert(tmp_path / "src.pth", tmp_path / "mine" / "prior.safetensors")
+    flip_a_byte_of(target, "net.learned_query")
+    expected = r"mine/prior.safetensors: sha256 [0-9a-f]{64}, but prior.safetensors.manifest.json records sha256 "
+    with pytest.raises(CheckpointError, match=expected):
+        load_models(tmp_path / "mine", prior_dtype=torch.float32)
+
+
+# -- identity: which weights were loaded, by name and content hash, never by path -------------------------
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_tiny_weights_have_the_same_identity_at_every_load_in_any_precision():
+    """The identity of the generated weights, before the prior is cast to the precision it runs in."""
+    first = load_models("tiny", prior_dtype=torch.float32).identity
+    assert first == load_models("tiny", prior_dtype=torch.float32).identity
+    assert first == load_models("tiny", prior_dtype=torch.bfloat16).identity
+    assert first.name == "tiny" and re.fullmatch("[0-9a-f]{64}", first.sha256)
+
+
+def test_a_directory_is_identified_by_its_name_and_the_sha256_of_the_file_loaded(tmp_path, prior_state, clip_state):
+    weights = tmp_path / "server" / "mine"
+    weights.mkdir(parents=True)
+    torch.save(full_state(prior_state, clip_state), weights / "prior.pth")
+    identity = load_models(weights, prior_dtype=torch.float32).identity
+    assert identity.to_dict() == {"name": "mine", "sha256": sha256_of(weights / "prior.pth")}
+    assert "/" not in json.dumps(identity.to_dict())
+
+
+def test_a_single_file_is_identified_by_its_file_name(tmp_path, prior_state, clip_state):
+    torch.save(full_state(prior_state, clip_state), tmp_path / "prior.pth")
+    identity = load_models(tmp_path / ".." / tmp_path.name / "prior.pth", prior_dtype=torch.float32).identity
+    assert identity == WeightsIdentity("prior.pth", sha256_of(tmp_path / "prior.pth"))
+
+
+def test_different_checkpoints_have_different_identities_under_the_same_name(tmp_path, prior_state, clip_state):
+    state = full_state(prior_state, clip_state)
+    other = {**state, "net.learned_query": state["net.learned_query"] + 1}  # one tensor retrained
+    identities = []
+    for host, weights in (("a", state), ("b", other)):
+        (tmp_path / host / "weights").mkdir(parents=True)
+        torch.save(weights, tmp_path / host / "weights" / "prior.pth")
+        identities.append(load_models(tmp_path / host / "weights", prior_dtype=torch.float32).identity)
+    assert identities[0].name == identities[1].name == "weights"
+    assert identities[0].sha256 != identities[1].sha256
+
+
+def test_a_prior_with_a_separate_clip_file_is_identified_by_both_files(tmp_path, prior_state, clip_state):
+    """The sha256 of the two files' hex digests, prior first, one per line."""
+    torch.save({k: v.half() for k, v in prior_state.items()}, tmp_path / "prior.pth")
+    save_safetensors(clip_state, tmp_path / "clip.safetensors")
+    identity = load_models(tmp_path, prior_dtype=torch.float32).identity
+    both = f"{sha256_of(tmp_path / 'prior.pth')}\n{sha256_of(tmp_path / 'clip.safetensors')}"
+    assert identity.sha256 == hashlib.sha256(both.encode()).hexdigest()
+
+
+def test_a_clip_file_that_is_not_loaded_is_not_part_of_the_identity(tmp_path, prior_state, clip_state):
+    torch.save(full_state(prior_state, clip_state), tmp_path / "prior.pth")  # carries its own CLIP
+    save_safetensors(clip_state, tmp_path / "clip.safetensors")
+    assert load_models(tmp_path, prior_dtype=torch.float32).identity.sha256 == sha256_of(tmp_path / "prior.pth")
+
+
+def test_laion_weights_are_identified_by_the_sha256_their_manifest_records(
+    tmp_path, monkeypatch, prior_state, clip_state
+):
+    converted = laion_cache(tmp_path, monkeypatch, full_state(prior_state, clip_state))
+    recorded = json.loads(manifest_of(converted).read_text())["sha256"]
+    assert load_models("laion", prior_dtype=torch.float32).identity == WeightsIdentity("laion", recorded)
+
+
+@pytest.mark.parametrize("layout", ["hub blob", "plain copy"])
+def test_laion_weights_with_openais_clip_are_identified_by_both_files(
+    tmp_path, monkeypatch, prior_state, clip_state, layout
+):
+    """The hub's cache names a large file's blob by its sha256, which is taken as it is; a plain copy is hashed."""
+    converted = laion_cache(tmp_path, monkeypatch, {k: v.half() for k, v in prior_state.items()})
+    clip = tmp_path / "clip.safetensors"
+    save_safetensors(clip_state, clip)
+    snapshot = tmp_path / "models--timm--vit_large_patch14_clip_224.openai" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    if layout == "hub blob":
+        blob = snapshot.parent.parent / "blobs" / sha256_of(clip)
+        blob.parent.mkdir()
+        clip.rename(blob)
+        (snapshot / "open_clip_model.safetensors").symlink_to(Path("../../blobs") / blob.name)
+    else:
+        clip.rename(snapshot / "open_clip_model.safetensors")
+    identity = load_models("laion", prior_dtype=torch.float32).identity
+    prior_sha256 = json.loads(manifest_of(converted).read_text())["sha256"]
+    clip_sha256 = sha256_of(snapshot / "open_clip_model.safetensors")
+    assert identity == WeightsIdentity("laion", hashlib.sha256(f"{prior_sha256}\n{clip_sha256}".encode()).hexdigest())
