@@ -111,7 +111,6 @@ class Pipeline:
         self.setup_seconds = time.perf_counter() - started
         if str(weights) == "tiny":
             log.warning("weights=tiny: random models, a pipeline check whose images mean nothing")
-        self.weights = {"name": Path(str(weights)).name}
         self.output_root = Path(output_root)
         with contextlib.suppress(OSError):
             if abandoned := remove_abandoned(self.output_root):
@@ -199,7 +198,7 @@ class Pipeline:
             inputs=job.request.echo(),
             seed=job.settings.seed,
             device=str(self.device),
-            weights=self.weights,
+            weights=self.models.identity.to_dict(),
             prior=targets.prior,
             prompt_truncated="prompt" in targets.truncated,
             timings=timings,

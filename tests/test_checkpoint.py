@@ -619,3 +619,20 @@ def test_laion_weights_with_openais_clip_are_identified_by_both_files(
     prior_sha256 = json.loads(manifest_of(converted).read_text())["sha256"]
     clip_sha256 = sha256_of(snapshot / "open_clip_model.safetensors")
     assert identity == WeightsIdentity("laion", hashlib.sha256(f"{prior_sha256}\n{clip_sha256}".encode()).hexdigest())
+
+
+def test_result_json_names_directory_weights_by_name_and_hash_not_by_their_path(tmp_path, prior_state, clip_state):
+    from pipeline.request import Request
+    from pipeline.runner import Pipeline
+
+    weights = tmp_path / "server" / "mine"
+    weights.mkdir(parents=True)
+    torch.save(full_state(prior_state, clip_state), weights / "prior.pth")
+    pipeline = Pipeline(str(weights), output_root=tmp_path / "outputs")
+    out = pipeline.new_run_directory()
+    job = pipeline.prepare(Request.check(prompt="a lighthouse", mode="embed", prior_steps=4))
+    *_, result_path = pipeline.run(job, out)
+    text = result_path.read_text()
+    assert json.loads(text)["weights"] == {"name": "mine", "sha256": sha256_of(weights / "prior.pth")}
+    assert str(tmp_path) not in text
+    out.discard()

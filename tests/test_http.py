@@ -17,6 +17,7 @@ from PIL import Image
 
 from commands.cog_schema import SCHEMA_PATH
 from pipeline.validation import input_schema
+from prior.weights import load_models
 
 EMBED_DIM = 64  # the tiny CLIP
 SMALL = dict(
@@ -111,7 +112,8 @@ def test_result_json_records_inputs_seed_device_timings_and_similarities(visuali
     assert result["inputs"] == {**defaults, **SMALL}
     assert result["seed"] == SMALL["seed"]
     assert result["device"] == "cpu"  # CogServer hides any GPU
-    assert result["weights"]["name"] == "tiny"
+    # a name and a content hash, never a server path
+    assert result["weights"] == {"name": "tiny", "sha256": load_models("tiny").identity.sha256}
     assert set(result["timings"]) >= {"prior_seconds", "dip_seconds", "iterations_per_second"}
     assert all(seconds > 0 for seconds in result["timings"].values())
     final = result["final"]
