@@ -8,14 +8,15 @@ from dataclasses import dataclass
 
 from .network import OFFSET_TYPES, validate_size
 
-# Seeds are 0..MAX_SEED (-1 draws one): drawn seeds come from the same range, so that every
-# reported seed can be given back as a seed.
-MAX_SEED = 100_000
+MAX_SEED = 2**32 - 1  # what the visualiser takes: any seed of its random streams
+# Drawn seeds, and the seeds a request may give (pipeline.request), stay within 0..100000, so that a
+# reported seed can be typed back in.
+MAX_DRAWN_SEED = 100_000
 
 
 def resolve_seed(seed: int) -> int:
     """``seed`` itself, or a freshly drawn one in ``[0, 100000]`` for ``seed == -1``."""
-    return secrets.randbelow(MAX_SEED + 1) if seed == -1 else seed
+    return secrets.randbelow(MAX_DRAWN_SEED + 1) if seed == -1 else seed
 
 
 @dataclass(frozen=True)

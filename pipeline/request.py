@@ -22,7 +22,7 @@ import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dip.network import validate_size
-from dip.settings import DipSettings
+from dip.settings import MAX_DRAWN_SEED, DipSettings
 
 from .inputs import InputSpec
 
@@ -81,7 +81,12 @@ class Request(BaseModel):
     prior_steps: int = Field(
         64, ge=1, le=1000, description="Prior sampling steps (1000: the full ancestral loop of the reference)."
     )
-    seed: int = dip_field("seed", "Random seed; -1 draws one (reported in result.json).")
+    seed: int = Field(
+        _DIP_DEFAULTS["seed"],
+        ge=-1,
+        le=MAX_DRAWN_SEED,
+        description="Random seed; -1 draws one (reported in result.json).",
+    )
     image: Path | None = Field(
         None,
         description="A picture (PNG, JPEG or WebP, up to 40 megapixels and 100:1) whose CLIP image embedding "

@@ -33,7 +33,7 @@ from backbone.hardware import configure_backends, default_device, resolve_device
 from backbone.preprocess import clip_image_tensor
 from dip import visualise_batch
 from dip.memory import visualisation_peak_bytes
-from dip.settings import MAX_SEED, DipSettings, resolve_seed
+from dip.settings import MAX_DRAWN_SEED, DipSettings, resolve_seed
 from prior.manipulate import interpolation_targets, text_diff_direction, text_diff_targets
 from prior.sampling import sample_image_embeds
 from prior.weights import load_models
@@ -129,7 +129,7 @@ class Pipeline:
         settings = request.dip_settings(resolve_seed(request.seed))
         if request.mode == "visualize":
             self.memory.check(
-                lambda size, cutouts, scales: self.estimate_peak_bytes(size, cutouts, scales, request.members),
+                lambda size, cutouts, scales: self.peak_bytes(size, cutouts, scales, request.members),
                 settings.size,
                 settings.num_cutouts,
                 settings.num_scales,
@@ -137,7 +137,7 @@ class Pipeline:
             )
         return Job(request, settings, picture)
 
-    def estimate_peak_bytes(self, size: int, num_cutouts: int, num_scales: int, members: int = 1) -> int:
+    def peak_bytes(self, size: int, num_cutouts: int, num_scales: int, members: int = 1) -> int:
         """A visualisation's estimated peak memory on this pipeline's device, weights included."""
         return visualisation_peak_bytes(
             self.models.clip,
@@ -194,27 +194,24 @@ class Pipeline:
         yield out.write_text("result.json", self._result(job, targets, pictures, timings).to_json())
 
     def _result(self, job: Job, targets: Targets, pictures: Pictures | None, timings: dict) -> Result:
-        result = Result(
-            inputs=job.request.echo(),
-            seed=job.settings.seed,
-            device=str(self.device),
-            weights=self.models.identity.to_dict(),
-            prior=targets.prior,
-            prompt_truncated="prompt" in targets.truncated,
-            timings=timings,
-            versions={"python": platform.python_version(), "torch": torch.__version__},
-        )
-        optional = {
+        optional = {  # left out of result.json where None
             "image": PictureSize(width=job.picture.width, height=job.picture.height) if job.picture else None,
             "truncated_inputs": targets.truncated or None,
             "prior_interpolate_to": targets.prior_interpolate_to,
             "final": pictures.final if pictures else None,
             "outputs": pictures.outputs if pictures else None,
         }
-        for name, value in optional.items():
-            if value is not None:  # left out of result.json otherwise
-                setattr(result, name, value)
-        return result
+        return Result(
+            inputs=job.request.echo(),
+            seed=job.settings.seed,
+            device=str(self.device),
+            weights=self.models.identity.to_dict(),
+            prior=targets.prior,  # None (written as null) when a picture gave the target
+            prompt_truncated="prompt" in targets.truncated,
+            timings=timings,
+            versions={"python": platform.python_version(), "torch": torch.__version__},
+            **{name: value for name, value in optional.items() if value is not None},
+        )
 
     # -- the prior -----------------------------------------------------------------------------------
 
@@ -268,8 +265,8 @@ class Pipeline:
         else:
             with torch.no_grad():
                 base = clip.embed_image(clip_image_tensor(job.picture, clip).to(self.device))
-        found = Targets(ids, text.embed, base, base, None if negative is None else negative.embed[0], prior)
-        found.truncated = truncated
+        negative_embed = None if negative is None else negative.embed[0]
+        found = Targets(ids, text.embed, base, base, negative_embed, prior, truncated=truncated)
         if request.interpolate_to:
             _, other_text = self._encode(request.interpolate_to, "interpolate_to", truncated)
             other, found.prior_interpolate_to = self._sample_prior(other_text, negative, job, "interpolate_to")
@@ -291,8 +288,8 @@ class Pipeline:
         best_of = request.num_outputs > 1
         n = request.num_outputs if best_of else targets.targets.shape[0]
         single = n == 1
-        # seed, seed+1, ... wrapping past MAX_SEED, so that every reported seed can be given back as `seed`
-        seeds = [(settings.seed + i) % (MAX_SEED + 1) for i in range(n)] if best_of else [settings.seed] * n
+        # seed, seed+1, ... wrapping past MAX_DRAWN_SEED, so that every reported seed can be given back as `seed`
+        seeds = [(settings.seed + i) % (MAX_DRAWN_SEED + 1) for i in range(n)] if best_of else [settings.seed] * n
         started = time.perf_counter()
         frames = visualise_batch(
             targets.targets.expand(n, -1),

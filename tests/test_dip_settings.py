@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from dip.settings import MAX_SEED, DipSettings, resolve_seed
+from dip.settings import MAX_DRAWN_SEED, DipSettings, resolve_seed
 
 
 def test_defaults_are_the_original_models():
@@ -75,6 +75,6 @@ def test_resolve_seed_keeps_an_explicit_seed():
 
 def test_resolve_seed_draws_a_valid_seed_for_minus_one():
     seeds = {resolve_seed(-1) for _ in range(20)}
-    assert all(0 <= s <= MAX_SEED for s in seeds)
+    assert all(0 <= s <= MAX_DRAWN_SEED for s in seeds)
     assert len(seeds) > 1
     DipSettings(seed=seeds.pop()).validate()

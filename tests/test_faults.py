@@ -296,10 +296,8 @@ def test_a_containers_memory_limit_caps_the_machines_memory_in_cgroup_v2_or_v1(t
 
 
 def test_the_refusal_names_the_inputs_the_budget_and_what_fits(predictor, output_root, monkeypatch):
-    needed = predictor.pipeline.estimate_peak_bytes(256, 32, 4)
-    budget = MemoryBudget(
-        predictor.pipeline.device, predictor.pipeline.estimate_peak_bytes(256, 12, 4), "a test budget"
-    )
+    needed = predictor.pipeline.peak_bytes(256, 32, 4)
+    budget = MemoryBudget(predictor.pipeline.device, predictor.pipeline.peak_bytes(256, 12, 4), "a test budget")
     monkeypatch.setattr(predictor.pipeline, "memory", budget)
     with pytest.raises(ValueError) as error:
         run_predictor(predictor, **{**SMALL, "num_cutouts": 32})
@@ -345,7 +343,7 @@ def test_the_estimate_covers_what_autograd_keeps_for_one_step(predictor, members
     parameters = [*clip.parameters(), *(p for run in runs for p in run.net.parameters())]
     precision = default_precision(device)
     measured = saved_bytes(lambda: _render_and_score(runs, inputs, clip, targets, precision), parameters)
-    estimated = predictor.pipeline.estimate_peak_bytes(256, 8, 4, members) - predictor.pipeline.resident_bytes
+    estimated = predictor.pipeline.peak_bytes(256, 8, 4, members) - predictor.pipeline.resident_bytes
     assert measured <= estimated <= 2.5 * measured, (measured >> 20, estimated >> 20)
 
 
