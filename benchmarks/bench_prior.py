@@ -19,18 +19,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from conftest import LAION_PRIOR, oracle_prior  # noqa: E402
-
-from backbone.clip import TextEncoding  # noqa: E402
-from prior.config import PriorConfig  # noqa: E402
-from prior.model import PriorNetwork  # noqa: E402
-from prior.sampling import make_denoiser, sample_image_embeds  # noqa: E402
-from prior.schedule import NoiseSchedule  # noqa: E402
-from prior.weights import default_prior_dtype  # noqa: E402
+from backbone.clip import TextEncoding
+from prior.config import PriorConfig
+from prior.model import PriorNetwork
+from prior.sampling import make_denoiser, sample_image_embeds
+from prior.schedule import NoiseSchedule
+from prior.weights import default_prior_dtype
+from testkit import ROOT
+from testkit.oracles import LAION_PRIOR, oracle_prior
 
 CANDIDATES = 2
 
@@ -55,16 +51,16 @@ def text_condition(dim: int, seed: int = 0) -> TextEncoding:
     )
 
 
+# Run as ``python -c`` in the repository root, which puts the root first on the child's import path.
 _LOAD_SCRIPT = r"""
 import json, sys, time, torch
-sys.path.insert(0, sys.argv[2])
 from prior.checkpoint import Checkpoint
 from prior.weights import load_prior
 def status(field):  # VmHWM, not ru_maxrss: Linux carries the forking parent's peak RSS across exec into ru_maxrss
     return int(open('/proc/self/status').read().split(field + ':')[1].split()[0]) * 1024
 def rss():
     return status('VmRSS')
-dtype = getattr(torch, sys.argv[3])
+dtype = getattr(torch, sys.argv[2])
 before = rss()
 started = time.perf_counter()
 prior = load_prior(Checkpoint(sys.argv[1]), dtype)
@@ -86,9 +82,9 @@ def measure_load(path: Path, dtype: torch.dtype) -> dict:
     Returns the load seconds and (peak RSS - RSS before loading) / bytes of the network.
     """
     name = str(dtype).removeprefix("torch.")
-    args = [sys.executable, "-c", _LOAD_SCRIPT, str(path), str(ROOT), name]
-    subprocess.run(args, check=True, capture_output=True)  # warm the page cache
-    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    args = [sys.executable, "-c", _LOAD_SCRIPT, str(path.resolve()), name]
+    subprocess.run(args, check=True, capture_output=True, cwd=ROOT)  # warm the page cache
+    out = subprocess.run(args, check=True, capture_output=True, text=True, cwd=ROOT).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LAION_PRIOR, SMALL_PRIOR, oracle_prior
 
 from prior.checkpoint import Checkpoint, CheckpointError, save_safetensors
 from prior.factory import WeightsIdentity
 from prior.sampling import sample_image_embeds
 from prior.weights import PROXY_VARIABLES, WeightsUnavailable, convert, converted_name, load_models
+from testkit.oracles import LAION_PRIOR, SMALL_PRIOR, oracle_prior
 
 
 @pytest.fixture(scope="module")
@@ -404,9 +404,8 @@ def test_full_size_laion_layout_checkpoint_loads_and_samples(tmp_path):
     state = {k: v.half() for k, v in oracle.state_dict().items()}
     del oracle
     torch.save(state, tmp_path / "prior_ema_fp16.pth")
-    from conftest import openai_clip_model
-
     from prior.checkpoint import save_safetensors
+    from testkit.oracles import openai_clip_model
 
     save_safetensors(
         openai_clip_model(embed_dim=768, transformer_width=768, transformer_heads=12).state_dict(),

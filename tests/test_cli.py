@@ -7,10 +7,10 @@ import json
 
 import numpy as np
 import pytest
-from conftest import held_by_another_process
 from PIL import Image
 
 from commands.didp import main
+from testkit.locks import held_by_another_process
 
 FAST = [
     "-i",

@@ -22,8 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_predictor
-from http_server import CogServer, running
 
 import predict
 from dip.memory import estimate_peak_bytes
@@ -33,9 +31,10 @@ from pipeline.results import FinalScore, OutputPicture, Result
 from pipeline.rundir import OutputError
 from pipeline.validation import validate_inputs
 from prior.weights import convert
+from testkit.cog_server import CogServer, running
+from testkit.inputs import EMBED, SMALL
+from testkit.predictor import run_predictor
 
-SMALL = dict(iterations=1, display_freq=1, num_scales=4, num_cutouts=4, prior_steps=8, size=256)
-EMBED = dict(mode="embed", prior_steps=8)
 OUTPUT_NAMES = {"text_tokens.npy", "text_embedding.npy", "image_embedding.npy", "result.json"}
 
 
@@ -104,7 +103,7 @@ def make_weights(root: Path, prior_state: dict, clip_state: dict) -> dict[str, t
 
 
 def _clip_state(**overrides) -> dict:
-    from conftest import openai_clip_model
+    from testkit.oracles import openai_clip_model
 
     return openai_clip_model(**overrides).state_dict()
 

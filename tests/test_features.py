@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from http_server import decode_data_uri
 from PIL import Image
 
 from backbone.preprocess import clip_image_tensor
@@ -20,10 +19,12 @@ from commands import didp as cli
 from pipeline.media import load_image
 from prior.manipulate import slerp
 from prior.weights import load_models
+from testkit import inputs as shared_inputs
+from testkit.cog_server import decode_data_uri, image_data_uri
+from testkit.predictions import JSON, NPY, PNG
 
-SMALL = dict(iterations=2, display_freq=1, num_scales=3, num_cutouts=4, prior_steps=8, size=256, seed=11)
-EMBED = dict(mode="embed", prior_steps=8, seed=11)
-NPY, PNG, JSON = "application/octet-stream", "image/png", "application/json"
+SMALL = {**shared_inputs.SMALL, "iterations": 2, "num_scales": 3, "seed": 11}
+EMBED = {**shared_inputs.EMBED, "seed": 11}
 
 
 def known_picture() -> Image.Image:
@@ -32,12 +33,6 @@ def known_picture() -> Image.Image:
     pixels = np.stack([x * 2, y * 2, 255 - x - y // 2], axis=-1).astype(np.uint8)
     pixels[(x - 64) ** 2 + (y - 48) ** 2 < 30**2] = (20, 20, 40)
     return Image.fromarray(pixels)
-
-
-def data_uri(image: Image.Image, fmt: str = "PNG") -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt)
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +63,7 @@ def result_of(files: list[tuple[str, bytes]]) -> dict:
 
 
 def test_an_image_input_gives_the_embedding_clip_gives_that_picture(server, models):
-    body, files = predict(server, prompt="a dark disc on a gradient", image=data_uri(known_picture()), **EMBED)
+    body, files = predict(server, prompt="a dark disc on a gradient", image=image_data_uri(known_picture()), **EMBED)
     _, text, image = npys(files)
     with torch.no_grad():
         expected = models.clip.embed_image(clip_image_tensor(known_picture(), models.clip))
@@ -80,7 +75,7 @@ def test_an_image_input_gives_the_embedding_clip_gives_that_picture(server, mode
 
 
 def test_an_image_input_is_visualised(server):
-    body, files = predict(server, prompt="a dark disc", image=data_uri(known_picture(), "WEBP"), **SMALL)
+    body, files = predict(server, prompt="a dark disc", image=image_data_uri(known_picture(), "WEBP"), **SMALL)
     kinds = [kind for kind, _ in files]
     assert kinds == [NPY, NPY, NPY, PNG, PNG, JSON]
     assert result_of(files)["final"]["step"] == 2
@@ -89,7 +84,7 @@ def test_an_image_input_is_visualised(server):
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
-        (data_uri(Image.new("RGB", (8, 8)), "GIF"), "image: not a PNG, JPEG or WebP"),
+        (image_data_uri(Image.new("RGB", (8, 8)), "GIF"), "image: not a PNG, JPEG or WebP"),
         ("data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nnot really").decode(), "image: "),
         ("/etc/hostname", "image: give a URL or a data: URI; a path on the server is not accepted"),
         ("../../../etc/passwd", "image: give a URL or a data: URI"),

@@ -10,7 +10,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_predictor, tiny_predictor
+
+from testkit.predictor import run_predictor, tiny_predictor
 
 
 @pytest.fixture(scope="module")

@@ -1,29 +1,20 @@
 """Hostile and odd input over HTTP: hand-written cases and schemathesis, against the real Cog server.
 
 Every request gets a correct result or a 4xx with a message, never a 5xx, a crash or a hang,
-and the server stays READY. The cases and the fuzzing loop live in
-``benchmarks/bench_reliability.py`` (its figures: ``reliability.fuzz_cases``, ``reliability.fuzz_5xx``).
+and the server stays READY. The cases and the fuzzing loop live in ``testkit.hostile``, which
+``benchmarks/bench_reliability.py`` also runs (its figures: ``reliability.fuzz_cases``, ``reliability.fuzz_5xx``).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-from bench_reliability import (  # noqa: E402
-    EMBED,
-    HOSTILE,
-    TRAVERSAL_PROMPTS,
-    post_retrying,
-    result_of,
-    schemathesis_fuzz,
-    send_hostile,
-)
+from testkit.hostile import HOSTILE, TRAVERSAL_PROMPTS, schemathesis_fuzz, send_hostile
+from testkit.inputs import EMBED
+from testkit.predictions import post_retrying, result_of
 
 FIXED_NAMES = {"text_tokens.npy", "text_embedding.npy", "image_embedding.npy", "result.json"}
 

@@ -12,26 +12,18 @@ import json
 import numpy as np
 import pytest
 import requests
-from http_server import CogServer, WebhookReceiver, decode_data_uri
 from PIL import Image
 
 from commands.cog_schema import SCHEMA_PATH
 from pipeline.validation import input_schema
 from prior.weights import load_models
+from testkit import inputs as shared_inputs
+from testkit.cog_server import CogServer, WebhookReceiver, decode_data_uri
+from testkit.predictions import JSON, NPY, PNG
 
 EMBED_DIM = 64  # the tiny CLIP
-SMALL = dict(
-    prompt="a lighthouse on a cliff at night",
-    iterations=2,
-    display_freq=1,
-    num_scales=4,
-    num_cutouts=4,
-    prior_steps=8,
-    size=256,
-    seed=7,
-)
-FAST = dict(prompt="a lighthouse", mode="embed", prior_steps=8)  # no visualisation: well under a second
-NPY, PNG, JSON = "application/octet-stream", "image/png", "application/json"
+SMALL = {"prompt": "a lighthouse on a cliff at night", **shared_inputs.SMALL, "iterations": 2, "seed": 7}
+FAST = {"prompt": "a lighthouse", **shared_inputs.EMBED}  # no visualisation: well under a second
 
 
 @pytest.fixture(scope="module")

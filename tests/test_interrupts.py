@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import held_by_another_process
 from PIL import Image
 
 from pipeline import locks
+from testkit.locks import held_by_another_process
+from testkit.predictor import RUN_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN_DIR = re.compile(r"run-[0-9a-f]{16}")
 LONG_RUN = ["-i", "prompt=a red cube", "-i", "iterations=500", "-i", "display_freq=1", "-i", "num_scales=4"]
 
 

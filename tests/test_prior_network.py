@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SMALL_PRIOR
 
 from prior.config import PriorConfig
 from prior.model import PriorNetwork
 from prior.schedule import NoiseSchedule
+from testkit.oracles import SMALL_PRIOR
 
 ATOL = 1e-5
 

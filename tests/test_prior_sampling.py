@@ -6,7 +6,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import SMALL_PRIOR, oracle_prior
 
 from prior.checkpoint import Checkpoint, save_safetensors
 from prior.config import PriorConfig
@@ -14,6 +13,7 @@ from prior.model import PriorNetwork
 from prior.sampling import make_denoiser, rank_candidates, sample_ddim, sample_ddpm, sample_image_embeds
 from prior.schedule import NoiseSchedule, strided_timesteps
 from prior.weights import load_clip
+from testkit.oracles import SMALL_PRIOR, oracle_prior
 
 CAPTIONS = ["a red cube on a blue floor", "an oil painting of a lighthouse at night"]
 

@@ -1,19 +1,19 @@
 """Load, endurance, concurrency and cancellation against the real Cog server (tiny models, loopback).
 
-The workloads live in ``benchmarks/bench_reliability.py`` (``--only reliability`` writes their
-figures). The default tests run short versions; ``-m slow`` runs the issue's full counts.
+The workloads live in ``testkit.workloads``; ``benchmarks/bench_reliability.py`` runs them at full
+length (``--only reliability`` writes their figures). The default tests run short versions; ``-m slow``
+runs the issue's full counts.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-from bench_reliability import EMBED, cancel_runs, concurrent_burst, endurance, post_retrying  # noqa: E402
+from testkit.inputs import EMBED
+from testkit.predictions import post_retrying
+from testkit.workloads import cancel_runs, concurrent_burst, endurance
 
 
 def run_files(output_dir: Path) -> list[str]:

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_predictor
-from http_server import CogServer, decode_data_uri, running
 
 import predict
 from prior.checkpoint import CheckpointError
+from testkit.cog_server import CogServer, decode_data_uri, running
+from testkit.hostile import TRAVERSAL_PROMPTS
+from testkit.inputs import EMBED, SMALL
+from testkit.predictor import RUN_DIR, run_predictor
 
-SMALL = dict(iterations=1, display_freq=1, num_scales=4, num_cutouts=4, prior_steps=8, size=256)
-EMBED = dict(mode="embed", prior_steps=8)
 SECRETS = {
     "HF_TOKEN": "hf_FAKEsecretTOKENdoNotLeak0123456789",
     "REPLICATE_API_TOKEN": "r8_FAKEsecretTOKENdoNotLeak987654321",
@@ -33,21 +33,10 @@ SECRETS = {
 }
 RESULT_KEYS = {"inputs", "seed", "device", "weights", "prompt_truncated", "prior", "timings", "final", "versions"}
 RESULT_KEYS |= {"truncated_inputs", "image", "prior_interpolate_to", "outputs"}  # of some requests only
-RUN_DIR = re.compile(r"run-[0-9a-f]{16}")
 OUTPUT_NAME = re.compile(
     r"(text_tokens|text_embedding|image_embedding|target_embeddings)\.npy|step_\d{4}(_\d{2})?\.png"
     r"|(best|frame)_\d{2}\.png|(progress|interpolation|edit)\.(webp|gif)|result\.json"
 )
-TRAVERSAL_PROMPTS = [
-    "../../../../etc/passwd",
-    "/tmp/didp-owned",
-    "..\\..\\..\\windows\\system32\\x",
-    "a/../../b\u0000.png",
-    "~/.ssh/id_rsa",
-    "$(touch /tmp/didp-owned)",
-    "result.json",
-    "step_0001.png/../../../x",
-]
 
 
 class _RunsCode:

@@ -1,11 +1,12 @@
-"""The real Cog server (``python -m cog.server.http``, coglet) on a free loopback port, for tests.
+"""The real Cog server (``python -m cog.server.http``, coglet) on a free loopback port, for tests and
+benchmarks; a webhook receiver; data URIs and server-sent events as the server sends them.
 
     with CogServer(weights="tiny", output_dir=tmp) as server:
         server.predict(prompt="a lighthouse", mode="embed")
 
-It runs in the repository root, where ``predict.py`` and ``.cog/openapi_schema.json`` (which turns
-input validation on) are. coglet starts its worker as ``python`` from ``PATH``, so this
-interpreter's directory goes first on ``PATH``.
+It runs in the repository root (``testkit.ROOT``), where ``predict.py`` and
+``.cog/openapi_schema.json`` (which turns input validation on) are. coglet starts its worker as
+``python`` from ``PATH``, so this interpreter's directory goes first on ``PATH``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import io
 import json
 import os
 import signal
@@ -25,8 +27,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import requests
+from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+from testkit import ROOT
+
 READY_TIMEOUT = 120.0  # seconds: importing torch and a tiny setup() take a few on a loaded machine
 
 
@@ -45,13 +49,22 @@ def free_port() -> int:
 
 
 def decode_data_uri(uri: str) -> tuple[str, bytes]:
-    """``data:image/png;base64,...`` -> (``image/png``, bytes)."""
+    """``data:image/png;base64,...`` -> (``image/png``, bytes); ``ValueError`` if it is not a base64
+    data URI (a test fails on it, a benchmark counts it)."""
     header, _, payload = uri.partition(",")
-    assert header.startswith("data:") and header.endswith(";base64"), f"not a base64 data URI: {uri[:60]!r}"
+    if not (header.startswith("data:") and header.endswith(";base64")):
+        raise ValueError(f"not a base64 data URI: {uri[:60]!r}")
     try:
         return header[len("data:") : -len(";base64")], base64.b64decode(payload, validate=True)
     except binascii.Error as error:
-        raise AssertionError(f"bad base64 in data URI: {error}") from None
+        raise ValueError(f"bad base64 in data URI: {error}") from None
+
+
+def image_data_uri(image: Image.Image, fmt: str = "PNG") -> str:
+    """A PIL image as a ``data:image/<fmt>;base64,...`` URI, as a client sends a file input."""
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def parse_sse(text: str) -> list[tuple[str, dict]]:
