@@ -13,6 +13,7 @@ that sends every input at its default (as Replicate's does) always passes.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -28,6 +29,7 @@ from .inputs import InputSpec
 
 DEFAULT_INTERPOLATION_STEPS = 8
 CAPTIONS = ("interpolate_to", "edit_prompt", "negative_prompt")
+NOT_BLANK = r"\S"
 _DIP_DEFAULTS = {field.name: field.default for field in dataclasses.fields(DipSettings)}
 
 
@@ -48,8 +50,15 @@ class Request(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    # Not blank: a character that is not ASCII whitespace, the server's rule (its regex engine's
+    # \S counts U+00A0 and U+3000 as characters), checked by _not_blank.
     prompt: Annotated[
-        str, Field(description="Caption to visualise: what CLIP should see.", min_length=1, pattern=r"\S")
+        str,
+        Field(
+            description="Caption to visualise: what CLIP should see.",
+            min_length=1,
+            json_schema_extra={"pattern": NOT_BLANK},
+        ),
     ]
     mode: Literal["visualize", "embed"] = Field(
         "visualize", description="visualize: embeddings and images; embed: only the embeddings (fast)."
@@ -128,6 +137,13 @@ class Request(BaseModel):
     )
     save_animation: bool = Field(False, description="Also write an animation of every emitted frame.")
     animation_format: Literal["webp", "gif"] = Field("webp", description="Format of the animations.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not re.search(NOT_BLANK, value, re.ASCII):
+            raise ValueError("prompt is blank: give some text")
+        return value
 
     @field_validator(*CAPTIONS)
     @classmethod
@@ -249,8 +265,8 @@ def _spec(name: str, order: int, info) -> InputSpec:
             rules["min_length"] = rule.min_length
         elif isinstance(rule, annotated_types.MaxLen):
             rules["max_length"] = rule.max_length
-        elif getattr(rule, "pattern", None) is not None:
-            rules["regex"] = rule.pattern
+    if isinstance(info.json_schema_extra, dict) and "pattern" in info.json_schema_extra:
+        rules["regex"] = info.json_schema_extra["pattern"]
     return InputSpec(
         name=name,
         order=order,

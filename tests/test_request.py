@@ -83,3 +83,10 @@ def test_a_blank_optional_caption_counts_as_not_given(blank):
     request = check(interpolate_to=blank, edit_prompt=blank, negative_prompt=blank, interpolation_steps=None)
     assert (request.interpolate_to, request.edit_prompt, request.negative_prompt) == (None, None, None)
     assert check(negative_prompt=" blur ").negative_prompt == " blur "
+
+
+def test_a_prompt_is_blank_as_the_server_counts_blank_ascii_whitespace_only():
+    """The server's \\S counts U+3000 and U+00A0 as characters: such a prompt runs (an empty caption)."""
+    assert Request.check(prompt="\u3000\u00a0").prompt == "\u3000\u00a0"
+    with pytest.raises(ValueError, match="prompt is blank: give some text"):
+        Request.check(prompt=" \t\n ")
