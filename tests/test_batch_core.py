@@ -18,7 +18,7 @@ from pipeline.request import Request
 from pipeline.runner import Pipeline
 from prior.weights import load_models
 
-WORDS = "cat dog bird tree house river cloud lamp".split()
+WORDS = ["cat", "dog", "bird", "tree", "house", "river", "cloud", "lamp"]
 CAPTIONS = [f"a photo of a {WORDS[i % 8]} number {i}" for i in range(64)]
 SEEDS = [row_seed(7, i) for i in range(64)]
 TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 5e-3}
@@ -29,7 +29,8 @@ def models(request):
     return load_models("tiny", prior_dtype=request.param)
 
 
-def in_batches(models, size: int, settings: PriorSettings = PriorSettings()) -> CaptionEmbeddings:
+def in_batches(models, size: int, settings: PriorSettings | None = None) -> CaptionEmbeddings:
+    settings = settings or PriorSettings()
     parts = [embed_captions(models, CAPTIONS[i : i + size], SEEDS[i : i + size], settings) for i in range(0, 64, size)]
     return CaptionEmbeddings(
         torch.cat([p.text for p in parts]),
@@ -58,7 +59,8 @@ def test_a_captions_embeddings_do_not_depend_on_its_neighbours_or_their_order(mo
     order = list(reversed(range(64)))
     shuffled = embed_captions(models, [CAPTIONS[i] for i in order], [SEEDS[i] for i in order])
     whole = in_batches(models, 64)
-    np.testing.assert_allclose(shuffled.image.numpy()[order], whole.image.numpy(), atol=TOLERANCE[models.prior.net.dtype])
+    tolerance = TOLERANCE[models.prior.net.dtype]
+    np.testing.assert_allclose(shuffled.image.numpy()[order], whole.image.numpy(), atol=tolerance)
 
 
 def test_embeddings_are_unit_vectors_and_the_similarity_is_the_chosen_candidates(models):
