@@ -253,15 +253,29 @@ class Embedder:
         )
 
 
-def _identify(weights: str) -> tuple[dict[str, str], int]:
-    """The weights' identity and embedding width where the workers run (the prior's precision,
-    and so its content hash, depends on the device)."""
+def _identify(weights: str, cuda: bool) -> tuple[dict[str, str], int]:
+    """The weights' identity (name and sha256) and embedding width, as workers on CUDA (``cuda``)
+    or on CPUs see them: the prior's content hash depends on the precision it runs in, which
+    depends on the device, not on where it is loaded (here, on the CPU)."""
     import torch
 
-    from prior.weights import load_models
+    from prior.weights import default_prior_dtype, load_models
 
-    models = load_models(weights, "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = default_prior_dtype(torch.device("cuda" if cuda else "cpu"))
+    models = load_models(weights, "cpu", prior_dtype=dtype)
     return models.identity.to_dict(), models.clip.embed_dim
+
+
+def identify(weights: str, local: bool) -> tuple[dict[str, str], int]:
+    """``_identify`` for this job's workers: in this process for a local Ray (the same machine),
+    else in a task on a worker of the cluster (which has the workers' files and devices)."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0) > 0
+    if local:
+        return _identify(weights, gpus)
+    task = ray.remote(_identify).options(**({"num_gpus": 1} if gpus else {}))
+    return ray.get(task.remote(weights, gpus))
 
 
 def start_ray(address: str | None) -> bool:
@@ -460,9 +474,7 @@ def _run(job: Job, fingerprint: str, address: str | None, args, state) -> int:
     started_here = True
     try:
         started_here = start_ray(address)
-        gpus = ray.cluster_resources().get("GPU", 0) > 0
-        identify = ray.remote(_identify).options(**({"num_gpus": 1} if gpus else {}))
-        weights, dim = ray.get(identify.remote(job.weights))
+        weights, dim = identify(job.weights, local=address is None)
     except Exception as error:  # no cluster there, weights missing or broken
         print(f"error: setup failed: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
         if started_here:

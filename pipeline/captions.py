@@ -12,7 +12,7 @@ A file, or a directory whose files are all of one kind (read in name order; name
   the files of a directory.
 
 What would make the whole job wrong is refused at once with ``CaptionsError`` (a ``ValueError``)
-naming the problem: an unreadable file, a missing column, a null or duplicate id. What is wrong
+naming the problem: an unreadable file, a missing column, a null, blank or duplicate id. What is wrong
 with one row is that row's ``problem`` (a null, blank or non-string caption), so that a job can
 set it aside and go on with the others. Blank means ASCII whitespace only, as a request counts it.
 """
@@ -189,6 +189,10 @@ def _checked(table: pa.Table, file: Path) -> pa.Table:
         except pa.ArrowException:
             raise CaptionsError(f"{file}: the id column's type {ids.type} cannot be read as text") from None
     ids = pc.cast(ids, pa.string())
+    blank = pc.equal(pc.utf8_trim(ids, _ASCII_WHITESPACE), "")
+    if pc.any(blank).as_py():
+        row = pc.index(blank, True).as_py() + 1
+        raise CaptionsError(f"{file}: {pc.sum(blank).as_py()} rows have a blank id (the first is row {row})")
     captions = table["caption"]
     kinds = table["_kind"].to_pylist() if "_kind" in table.schema.names else [None] * table.num_rows
     if pa.types.is_string(captions.type) or pa.types.is_large_string(captions.type):
