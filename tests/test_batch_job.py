@@ -12,14 +12,10 @@ Where the batches are the same, the embeddings are the same bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,10 +30,10 @@ from pipeline.captions import CaptionsError, read_captions
 from pipeline.embeddings import PriorSettings, embed_captions, row_seed
 from pipeline.shards import read_embeddings
 from prior.weights import default_prior_dtype, load_models
+from testkit.batch import kill_after_first_shard, vectors
 
 ray = pytest.importorskip("ray")
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS = ["--weights", "tiny", "--prior-steps", "8"]
 PRIOR_TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 5e-3}[default_prior_dtype(torch.device("cpu"))]
 TEXT_TOLERANCE = 1e-6
@@ -87,10 +83,6 @@ def large_batches(mixed, tmp_path_factory) -> Path:
     assert run(mixed[0], "-o", out, *STEPS, "--id-column", "key", "--caption-column", "text",
                "--shard-size", 64, "--batch-size", 64, "--workers", 2, "--npy") == 0  # fmt: skip
     return out
-
-
-def vectors(table: pa.Table, column: str) -> np.ndarray:
-    return np.stack(table[column].to_numpy(zero_copy_only=False)).astype(np.float32)
 
 
 # -- what a job writes --------------------------------------------------------------------------------------
@@ -224,36 +216,13 @@ def test_a_rerun_of_a_finished_job_does_nothing_and_changes_nothing(mixed, large
     assert {p: p.read_bytes() for p in (large_batches / "embeddings").iterdir()} == parts
 
 
-def start_batch(*args: object) -> subprocess.Popen:
-    """``didp batch`` as the shell runs it, on the CPU, in a session of its own (so that it and
-    the local Ray it starts can be ended together)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "commands.didp", "batch", *map(str, args)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
 def test_a_job_killed_midway_and_run_again_ends_with_exactly_the_rows_of_an_uninterrupted_one(tmp_path):
     source = tmp_path / "captions.txt"
     source.write_text("\n".join(captions(640)) + "\n")
     args = [source, *STEPS, "--shard-size", 32, "--batch-size", 8, "--workers", 1]
 
     killed = tmp_path / "killed"
-    process = start_batch(*args, "-o", killed)
-    try:
-        for line in process.stdout:  # the path of each shard, as it is written
-            if re.search(r"part-\d{5}\.parquet$", line.strip()):
-                os.kill(process.pid, signal.SIGKILL)
-                break
-        process.wait(60)
-    finally:
-        with_group_gone(process)
+    process = kill_after_first_shard(*args, "-o", killed)  # a real didp batch process, SIGKILL
     assert process.returncode == -signal.SIGKILL, process.stderr.read()
     written = sorted(p.name for p in (killed / "embeddings").glob("part-*.parquet"))
     assert 1 <= len(written) < 20, written  # killed midway: after a shard, before the end
@@ -270,19 +239,6 @@ def test_a_job_killed_midway_and_run_again_ends_with_exactly_the_rows_of_an_unin
     assert not list(killed.rglob(".*.tmp-*"))  # what the kill left half-written is gone
     manifest = json.loads((killed / "manifest.json").read_text())
     assert manifest["complete"] and manifest["counts"]["shards_written"] == 20
-
-
-def with_group_gone(process: subprocess.Popen) -> None:
-    """End what is left of the killed job's session (its local Ray), by the session's id."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------
