@@ -34,6 +34,7 @@ from backbone.preprocess import clip_image_tensor
 from dip import visualise_batch
 from dip.memory import visualisation_peak_bytes
 from dip.settings import MAX_DRAWN_SEED, DipSettings, resolve_seed
+from prior.factory import Models
 from prior.manipulate import interpolation_targets, text_diff_direction, text_diff_targets
 from prior.sampling import sample_image_embeds
 from prior.weights import load_models
@@ -85,7 +86,8 @@ class Pictures:
 
 class Pipeline:
     """CLIP and the prior on ``device`` (default: the current CUDA device, else the CPU), loaded
-    from ``weights`` (``tiny``, ``laion`` or a path), runs writing below ``output_root``.
+    from ``weights`` (``tiny``, ``laion`` or a path; or models already loaded there), runs writing
+    below ``output_root``.
 
     ``memory_budget``: megabytes a run may use (``"inf"``: no limit), default 80% of the device's
     memory. ``on_metric(name, value)`` receives each run's figures (timings, final similarity).
@@ -93,7 +95,7 @@ class Pipeline:
 
     def __init__(
         self,
-        weights: str | Path = "laion",
+        weights: str | Path | Models = "laion",
         *,
         output_root: Path,
         device: torch.device | str | None = None,
@@ -107,7 +109,7 @@ class Pipeline:
             log.warning("no CUDA device: running on the CPU, which is slow at full size")
             keep_freed_memory()  # the visualiser's large tensors reuse the heap instead of page-faulting
         started = time.perf_counter()
-        self.models = load_models(weights, self.device)
+        self.models = weights if isinstance(weights, Models) else load_models(weights, self.device)
         self.setup_seconds = time.perf_counter() - started
         if str(weights) == "tiny":
             log.warning("weights=tiny: random models, a pipeline check whose images mean nothing")
