@@ -92,8 +92,10 @@ def checked_request(assignments: list[str]):
     from pipeline.validation import validate_inputs
 
     values = validate_inputs(parse_assignments(assignments))
+    for spec in Request.input_specs():
+        if spec.kind == "path" and values.get(spec.name) is not None:
+            values[spec.name] = _local_file(spec.name, values[spec.name])
     if values.get("image") is not None:
-        values["image"] = _local_file("image", values["image"])
         load_image(values["image"])  # the run decodes it again: a few ms, not a model load
     return Request.check(**values)
 

@@ -51,8 +51,10 @@ class Captions:
         return self.table.num_rows - self.table["problem"].null_count
 
 
-def input_files(path: Path) -> tuple[list[Path], str]:
-    """The files of ``path`` (a file, or a directory of files of one kind) and their kind."""
+def input_files(path: Path, sniff: bool = False) -> tuple[list[Path], str]:
+    """The files of ``path`` (a file, or a directory of files of one kind) and their kind; with
+    ``sniff``, a single file whose name says no kind (a download) is Parquet if it starts as one,
+    JSONL if its name ends in ``.json``, else text."""
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith((".", "_")))
         if not files:
@@ -61,6 +63,10 @@ def input_files(path: Path) -> tuple[list[Path], str]:
         files = [path]
     else:
         raise CaptionsError(f"{path}: no such file or directory")
+    if sniff and path.is_file() and path.suffix.lower() not in KINDS:
+        with path.open("rb") as head:
+            parquet = head.read(4) == b"PAR1"
+        return files, "parquet" if parquet else "jsonl" if path.suffix.lower() == ".json" else "txt"
     kinds = {KINDS.get(p.suffix.lower()) for p in files}
     if None in kinds:
         strange = next(p for p in files if p.suffix.lower() not in KINDS)
@@ -70,9 +76,10 @@ def input_files(path: Path) -> tuple[list[Path], str]:
     return files, kinds.pop()
 
 
-def read_captions(path: Path, id_column: str = "id", caption_column: str = "caption") -> Captions:
-    """The checked rows of ``path``; ``CaptionsError`` for an input no job can run on."""
-    files, kind = input_files(Path(path))
+def read_captions(path: Path, id_column: str = "id", caption_column: str = "caption", sniff: bool = False) -> Captions:
+    """The checked rows of ``path``; ``CaptionsError`` for an input no job can run on (``sniff``:
+    see ``input_files``)."""
+    files, kind = input_files(Path(path), sniff)
     tables = []
     first_id = 1
     for file in files:

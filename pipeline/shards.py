@@ -22,11 +22,15 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from .embeddings import CaptionEmbeddings
 
 MANIFEST = "manifest.json"
 ERRORS = "errors.parquet"
@@ -190,6 +194,23 @@ def embeddings_schema(dim: int) -> pa.Schema:
             ("seed", pa.int64()),
             ("truncated", pa.bool_()),
         ]
+    )
+
+
+def embeddings_table(ids: list[str], captions: list[str], seeds: list[int], out: CaptionEmbeddings) -> pa.Table:
+    """Rows of ``embeddings_schema`` for captions embedded by ``pipeline.embeddings.embed_captions``."""
+    dim = out.image.shape[1]
+    return pa.Table.from_arrays(
+        [
+            pa.array(ids, pa.string()),
+            pa.array(captions, pa.string()),
+            pa.FixedSizeListArray.from_arrays(pa.array(out.text.numpy().reshape(-1)), dim),
+            pa.FixedSizeListArray.from_arrays(pa.array(out.image.numpy().reshape(-1)), dim),
+            pa.array(out.similarity.float().numpy()),
+            pa.array(seeds, pa.int64()),
+            pa.array(out.truncated, pa.bool_()),
+        ],
+        schema=embeddings_schema(dim),
     )
 
 
