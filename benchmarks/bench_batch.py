@@ -24,8 +24,11 @@ the tiny models (a pipeline check; its rates say nothing of full size).
   in this process), over its whole wall time: Ray's start, the actor's model load, the shards'
   writing included;
 - ``batch.ray_overhead``: ``core_captions_per_s / ray_captions_per_s`` (target <= 1.3), both
-  measured in this run; the Ray job's fixed costs (Ray's start, the actor's start and model
-  load, about 10 s here) are amortised over the captions;
+  measured in this run;
+- ``batch.ray_fixed_seconds``: the wall time of the same job on one caption: Ray's start, the
+  weights' identity, the actor's start and model load, the files; ``batch.ray_marginal_captions_per_s``
+  and ``batch.ray_overhead_marginal``: the rate and overhead of the captions beyond those fixed
+  costs, ``(n - 1) / (job seconds - fixed seconds)``, i.e. of a long job;
 - ``batch.resume_identical``: 1 when a real ``didp batch`` process killed with SIGKILL after its
   first shard and run again ends with the ids of an uninterrupted job in order and the same
   embeddings bit for bit (the batches align with the shards), else 0.
@@ -212,10 +215,16 @@ def ray_figures(quick: bool) -> dict[str, float]:
         pq.write_table(pa.table({"id": [str(i + 1) for i in range(n)], "caption": texts}), source)
         before = core_rate_tiny(texts, steps)
         seconds = ray_job(source, tmp / "out", steps, shard)
+        one = tmp / "one.parquet"
+        pq.write_table(pq.read_table(source).slice(0, 1), one)
+        fixed = ray_job(one, tmp / "out-one", steps, shard)  # a job of one caption: the fixed costs
         core = max(before, core_rate_tiny(texts, steps))
         figures["batch.core_captions_per_s"] = round(core, 2)
         figures["batch.ray_captions_per_s"] = round(n / seconds, 2)
         figures["batch.ray_overhead"] = round(core / (n / seconds), 3)
+        figures["batch.ray_fixed_seconds"] = round(fixed, 2)
+        figures["batch.ray_marginal_captions_per_s"] = round((n - 1) / (seconds - fixed), 2)
+        figures["batch.ray_overhead_marginal"] = round(core * (seconds - fixed) / (n - 1), 3)
         figures["batch.resume_identical"] = resume_identical(tmp, quick)
     return figures
 
