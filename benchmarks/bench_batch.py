@@ -17,7 +17,8 @@ the tiny models (a pipeline check; its rates say nothing of full size).
 ``ray_figures``, the Ray job (``didp batch``), in the same run:
 
 - ``batch.core_captions_per_s``: ``pipeline.embeddings.embed_captions`` in this process, in
-  batches of 64, the models already loaded (the reference the Ray job is measured against);
+  batches of 64, the models already loaded, with the actor's torch threads (the reference the
+  Ray job is measured against);
   measured before and after the Ray job, the faster of the two kept (on a shared machine the
   rate swings with the other load; the faster one makes the overhead below the less flattering);
 - ``batch.ray_captions_per_s``: the same captions through ``commands.batch.main`` (the command,
@@ -44,6 +45,7 @@ prior steps (the default); ``quick``: 256 captions, 16 steps. One worker, batche
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -157,14 +159,21 @@ RAY_BATCH = 64
 
 
 def core_rate_tiny(texts: list[str], steps: int) -> float:
+    """The in-process core's captions/s on the tiny models, with as many torch threads as the
+    local job's actor has (all cores but one, which the job leaves to its driver)."""
     models = load_models("tiny")
     settings = PriorSettings(prior_steps=steps)
     ids = [str(i + 1) for i in range(len(texts))]
-    embed_captions(models, texts[:RAY_BATCH], [row_seed(0, i) for i in ids[:RAY_BATCH]], settings)  # warm-up
-    started = time.perf_counter()
-    for i in range(0, len(texts), RAY_BATCH):
-        embed_captions(models, texts[i : i + RAY_BATCH], [row_seed(0, x) for x in ids[i : i + RAY_BATCH]], settings)
-    return len(texts) / (time.perf_counter() - started)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    try:
+        embed_captions(models, texts[:RAY_BATCH], [row_seed(0, i) for i in ids[:RAY_BATCH]], settings)  # warm-up
+        started = time.perf_counter()
+        for i in range(0, len(texts), RAY_BATCH):
+            embed_captions(models, texts[i : i + RAY_BATCH], [row_seed(0, x) for x in ids[i : i + RAY_BATCH]], settings)
+        return len(texts) / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def ray_job(source: Path, out: Path, steps: int, shard: int) -> float:
