@@ -17,15 +17,19 @@ the tiny models (a pipeline check; its rates say nothing of full size).
 ``ray_figures``, the Ray job (``didp batch``), in the same run:
 
 - ``batch.core_captions_per_s``: ``pipeline.embeddings.embed_captions`` in this process, in
-  batches of 64, the models already loaded (the reference the Ray job is measured against);
+  batches of 64, the models already loaded, with the actor's torch threads (the reference the
+  Ray job is measured against);
   measured before and after the Ray job, the faster of the two kept (on a shared machine the
   rate swings with the other load; the faster one makes the overhead below the less flattering);
 - ``batch.ray_captions_per_s``: the same captions through ``commands.batch.main`` (the command,
   in this process), over its whole wall time: Ray's start, the actor's model load, the shards'
   writing included;
 - ``batch.ray_overhead``: ``core_captions_per_s / ray_captions_per_s`` (target <= 1.3), both
-  measured in this run; the Ray job's fixed costs (Ray's start, the actor's start and model
-  load, about 10 s here) are amortised over the captions;
+  measured in this run;
+- ``batch.ray_fixed_seconds``: the wall time of the same job on one caption: Ray's start, the
+  weights' identity, the actor's start and model load, the files; ``batch.ray_marginal_captions_per_s``
+  and ``batch.ray_overhead_marginal``: the rate and overhead of the captions beyond those fixed
+  costs, ``(n - 1) / (job seconds - fixed seconds)``, i.e. of a long job;
 - ``batch.resume_identical``: 1 when a real ``didp batch`` process killed with SIGKILL after its
   first shard and run again ends with the ids of an uninterrupted job in order and the same
   embeddings bit for bit (the batches align with the shards), else 0.
@@ -41,6 +45,7 @@ prior steps (the default); ``quick``: 256 captions, 16 steps. One worker, batche
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -154,14 +159,21 @@ RAY_BATCH = 64
 
 
 def core_rate_tiny(texts: list[str], steps: int) -> float:
+    """The in-process core's captions/s on the tiny models, with as many torch threads as the
+    local job's actor has (all cores but one, which the job leaves to its driver)."""
     models = load_models("tiny")
     settings = PriorSettings(prior_steps=steps)
     ids = [str(i + 1) for i in range(len(texts))]
-    embed_captions(models, texts[:RAY_BATCH], [row_seed(0, i) for i in ids[:RAY_BATCH]], settings)  # warm-up
-    started = time.perf_counter()
-    for i in range(0, len(texts), RAY_BATCH):
-        embed_captions(models, texts[i : i + RAY_BATCH], [row_seed(0, x) for x in ids[i : i + RAY_BATCH]], settings)
-    return len(texts) / (time.perf_counter() - started)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    try:
+        embed_captions(models, texts[:RAY_BATCH], [row_seed(0, i) for i in ids[:RAY_BATCH]], settings)  # warm-up
+        started = time.perf_counter()
+        for i in range(0, len(texts), RAY_BATCH):
+            embed_captions(models, texts[i : i + RAY_BATCH], [row_seed(0, x) for x in ids[i : i + RAY_BATCH]], settings)
+        return len(texts) / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def ray_job(source: Path, out: Path, steps: int, shard: int) -> float:
@@ -212,10 +224,16 @@ def ray_figures(quick: bool) -> dict[str, float]:
         pq.write_table(pa.table({"id": [str(i + 1) for i in range(n)], "caption": texts}), source)
         before = core_rate_tiny(texts, steps)
         seconds = ray_job(source, tmp / "out", steps, shard)
+        one = tmp / "one.parquet"
+        pq.write_table(pq.read_table(source).slice(0, 1), one)
+        fixed = ray_job(one, tmp / "out-one", steps, shard)  # a job of one caption: the fixed costs
         core = max(before, core_rate_tiny(texts, steps))
         figures["batch.core_captions_per_s"] = round(core, 2)
         figures["batch.ray_captions_per_s"] = round(n / seconds, 2)
         figures["batch.ray_overhead"] = round(core / (n / seconds), 3)
+        figures["batch.ray_fixed_seconds"] = round(fixed, 2)
+        figures["batch.ray_marginal_captions_per_s"] = round((n - 1) / (seconds - fixed), 2)
+        figures["batch.ray_overhead_marginal"] = round(core * (seconds - fixed) / (n - 1), 3)
         figures["batch.resume_identical"] = resume_identical(tmp, quick)
     return figures
 
