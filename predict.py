@@ -164,11 +164,19 @@ class Predictor(BaseRunner):
         ),
         save_animation: bool = Input(description="Also write an animation of every emitted frame.", default=False),
         animation_format: str = Input(description="Format of the animations.", default="webp", choices=["webp", "gif"]),
+        captions: Path | None = Input(
+            description="Many captions to embed in one request (mode=embed): text with one caption a line, or CSV, "
+            "JSONL or Parquet with id and caption columns, up to 10,000 rows. Gives embeddings.parquet; the "
+            "prompt then only names the request.",
+            default=None,
+        ),
     ) -> Iterator[Path]:
-        """Stream the embeddings (.npy), the images (PNG), any animation and result.json."""
+        """Stream the embeddings (.npy, or embeddings.parquet for captions), the images (PNG), any
+        animation and result.json."""
         inputs = {name: value for name, value in locals().items() if name != "self"}
-        if image is not None:
-            inputs["image"] = uploaded_file(image, "image")
+        for name in ("image", "captions"):
+            if inputs[name] is not None:
+                inputs[name] = uploaded_file(inputs[name], name)
         job = self.pipeline.prepare(Request.check(**inputs))  # everything checked before any work
         self.discard_outputs()
         self.last_run = self.pipeline.new_run_directory()

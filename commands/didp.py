@@ -1,6 +1,7 @@
 """``didp``: run the pipeline without Docker, with ``cog predict``'s ``-i key=value`` syntax.
 
     didp -i prompt="a lighthouse at night" -i iterations=100 --weights tiny -o outputs/
+    didp batch captions.parquet -o embeddings/     # many captions: commands.batch
 
 Inputs are checked by the same rules as the Cog server before any model is loaded; files are
 copied to ``-o`` as they are produced and their paths printed; when the first one arrives, an
@@ -91,8 +92,10 @@ def checked_request(assignments: list[str]):
     from pipeline.validation import validate_inputs
 
     values = validate_inputs(parse_assignments(assignments))
+    for spec in Request.input_specs():
+        if spec.kind == "path" and values.get(spec.name) is not None:
+            values[spec.name] = _local_file(spec.name, values[spec.name])
     if values.get("image") is not None:
-        values["image"] = _local_file("image", values["image"])
         load_image(values["image"])  # the run decodes it again: a few ms, not a model load
     return Request.check(**values)
 
@@ -115,7 +118,13 @@ class Progress:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``didp``; Ctrl-C (exit code 130) and SIGTERM (143) end it with one line and no leftovers."""
+    """``didp``; Ctrl-C (exit code 130) and SIGTERM (143) end it with one line and no leftovers.
+    ``didp batch ...`` is the batch job (``commands.batch``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["batch"]:
+        from commands.batch import main as batch
+
+        return batch(argv[1:])
     progress = Progress()
     with terminate_as_interrupt():
         try:
@@ -143,7 +152,8 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="didp",
-        description="What CLIP sees for a caption: the diffusion prior and the deep-image-prior visualiser.",
+        description="What CLIP sees for a caption: the diffusion prior and the deep-image-prior visualiser. "
+        "Many captions at once, from a file, on Ray: see didp batch --help.",
         epilog=inputs_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

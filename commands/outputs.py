@@ -13,7 +13,7 @@ from pipeline.locks import DirectoryBusy, hold, release
 OUTPUT_NAMES = re.compile(
     r"(text_tokens|text_embedding|image_embedding|target_embeddings)\.npy"
     r"|step_\d{4}(_\d{2})?\.png|(best|frame)_\d{2}\.png"
-    r"|(progress|interpolation|edit)\.(webp|gif)|result\.json"
+    r"|(progress|interpolation|edit)\.(webp|gif)|(embeddings|errors)\.parquet|result\.json"
 )
 
 

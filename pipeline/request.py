@@ -137,6 +137,12 @@ class Request(BaseModel):
     )
     save_animation: bool = Field(False, description="Also write an animation of every emitted frame.")
     animation_format: Literal["webp", "gif"] = Field("webp", description="Format of the animations.")
+    captions: Path | None = Field(
+        None,
+        description="Many captions to embed in one request (mode=embed): text with one caption a line, or CSV, "
+        "JSONL or Parquet with id and caption columns, up to 10,000 rows. Gives embeddings.parquet; the "
+        "prompt then only names the request.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -188,6 +194,15 @@ class Request(BaseModel):
                 f"animation_format={self.animation_format} needs an animation: save_animation=true, "
                 "or a sequence (interpolate_to, or edit_prompt with interpolation_steps)"
             )
+        if self.captions is not None:
+            if self.mode != "embed":
+                problems.append("captions makes embeddings only: it needs mode=embed")
+            alone = {
+                "image": self.image is not None,
+                "interpolate_to": self.interpolate_to,
+                "edit_prompt": self.edit_prompt,
+            }
+            problems += [f"captions cannot be combined with {name}" for name, on in alone.items() if on]
         if self.mode == "embed":
             pictures_only = {
                 "num_outputs": self.num_outputs > 1,
@@ -223,7 +238,8 @@ class Request(BaseModel):
     def echo(self) -> dict[str, Any]:
         """The inputs as ``result.json`` records them: a file input as ``"(a file)"``, never its path."""
         inputs = self.model_dump(mode="json")
-        inputs["image"] = None if self.image is None else "(a file)"
+        for name in ("image", "captions"):
+            inputs[name] = None if getattr(self, name) is None else "(a file)"
         return inputs
 
     @classmethod

@@ -3,8 +3,8 @@
 A field that is left unset is left out of the file (``exclude_unset``): ``image`` only for a
 picture input, ``truncated_inputs`` only when a caption was cut at CLIP's 77 tokens,
 ``prior_interpolate_to`` only for an interpolation, ``final`` only with pictures, ``outputs``
-only for pictures optimised together. A NaN or an infinity (a diverged run's loss) is written as
-``null``, so the file is always standard JSON.
+only for pictures optimised together, ``captions`` only for a ``captions`` file. A NaN or an
+infinity (a diverged run's loss) is written as ``null``, so the file is always standard JSON.
 """
 
 from __future__ import annotations
@@ -56,6 +56,16 @@ class OutputPicture(Score):
     file: str
 
 
+class CaptionCounts(_Model):
+    """A ``captions`` request: its rows, those embedded (in ``embeddings.parquet``), those set
+    aside (in ``errors.parquet``, with the reason) and those cut at CLIP's 77 tokens."""
+
+    rows: int
+    embedded: int
+    errors: int
+    truncated: int
+
+
 class Result(_Model):
     inputs: dict[str, Any]
     seed: int
@@ -68,6 +78,7 @@ class Result(_Model):
     prompt_truncated: bool = False
     final: FinalScore | None = None
     outputs: list[OutputPicture] | None = None
+    captions: CaptionCounts | None = None
     timings: dict[str, float] = {}
     versions: dict[str, str] = {}
 

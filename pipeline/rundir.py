@@ -86,6 +86,14 @@ class RunDirectory:
             to_image(image).save(path)
         return path
 
+    def write_parquet(self, name: str, table) -> Path:
+        import pyarrow.parquet as pq
+
+        path = self.path / name
+        with writing(path, self.root):
+            pq.write_table(table, path)
+        return path
+
     def write_text(self, name: str, text: str) -> Path:
         path = self.path / name
         with writing(path, self.root):

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -34,20 +36,26 @@ from backbone.preprocess import clip_image_tensor
 from dip import visualise_batch
 from dip.memory import visualisation_peak_bytes
 from dip.settings import MAX_DRAWN_SEED, DipSettings, resolve_seed
+from prior.factory import Models
 from prior.manipulate import interpolation_targets, text_diff_direction, text_diff_targets
 from prior.sampling import sample_image_embeds
 from prior.weights import load_models
 
 from .allocator import keep_freed_memory, release_freed_memory
+from .captions import Captions, read_captions
+from .embeddings import PriorSettings, embed_captions, row_seed
 from .media import load_image
 from .memory import MemoryBudget, is_out_of_memory, out_of_memory_error
 from .request import Request
-from .results import FinalScore, OutputPicture, PictureSize, PriorChoice, Result, Score
+from .results import CaptionCounts, FinalScore, OutputPicture, PictureSize, PriorChoice, Result, Score
 from .rundir import RunDirectory, remove_abandoned
+from .shards import embeddings_table, errors_table
 
 log = logging.getLogger("didp")
 
 MetricCallback = Callable[[str, float], None]
+MAX_CAPTION_ROWS = 10_000  # rows of a request's captions file; didp batch takes any number
+CAPTION_BATCH = 32  # captions per pass of the prior (benchmarks/bench_batch.py measured this size)
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class Job:
     request: Request
     settings: DipSettings
     picture: Image.Image | None = None
+    captions: Captions | None = None
 
 
 @dataclass
@@ -85,7 +94,8 @@ class Pictures:
 
 class Pipeline:
     """CLIP and the prior on ``device`` (default: the current CUDA device, else the CPU), loaded
-    from ``weights`` (``tiny``, ``laion`` or a path), runs writing below ``output_root``.
+    from ``weights`` (``tiny``, ``laion`` or a path; or models already loaded there), runs writing
+    below ``output_root``.
 
     ``memory_budget``: megabytes a run may use (``"inf"``: no limit), default 80% of the device's
     memory. ``on_metric(name, value)`` receives each run's figures (timings, final similarity).
@@ -93,7 +103,7 @@ class Pipeline:
 
     def __init__(
         self,
-        weights: str | Path = "laion",
+        weights: str | Path | Models = "laion",
         *,
         output_root: Path,
         device: torch.device | str | None = None,
@@ -107,7 +117,7 @@ class Pipeline:
             log.warning("no CUDA device: running on the CPU, which is slow at full size")
             keep_freed_memory()  # the visualiser's large tensors reuse the heap instead of page-faulting
         started = time.perf_counter()
-        self.models = load_models(weights, self.device)
+        self.models = weights if isinstance(weights, Models) else load_models(weights, self.device)
         self.setup_seconds = time.perf_counter() - started
         if str(weights) == "tiny":
             log.warning("weights=tiny: random models, a pipeline check whose images mean nothing")
@@ -126,6 +136,7 @@ class Pipeline:
         """Check what needs the models but no work: the picture decodes, and a visualisation fits
         the memory budget. Draws the seed for ``seed=-1``."""
         picture = load_image(request.image) if request.image is not None else None
+        captions = _captions(request.captions) if request.captions is not None else None
         settings = request.dip_settings(resolve_seed(request.seed))
         if request.mode == "visualize":
             self.memory.check(
@@ -135,7 +146,7 @@ class Pipeline:
                 settings.num_scales,
                 request.members,
             )
-        return Job(request, settings, picture)
+        return Job(request, settings, picture, captions)
 
     def peak_bytes(self, size: int, num_cutouts: int, num_scales: int, members: int = 1) -> int:
         """A visualisation's estimated peak memory on this pipeline's device, weights included."""
@@ -177,6 +188,19 @@ class Pipeline:
 
     def _run(self, job: Job, out: RunDirectory) -> Iterator[Path]:
         timings: dict[str, float] = {}
+        if job.captions is not None:
+            counts = yield from self._embed_captions(job, out, timings)
+            result = Result(
+                inputs=job.request.echo(),
+                seed=job.settings.seed,
+                device=str(self.device),
+                weights=self.models.identity.to_dict(),
+                captions=counts,
+                timings=timings,
+                versions=_versions(),
+            )
+            yield out.write_text("result.json", result.to_json())
+            return
         started = time.perf_counter()
         targets = self.targets(job)
         timings["prior_seconds"] = time.perf_counter() - started
@@ -209,9 +233,41 @@ class Pipeline:
             prior=targets.prior,  # None (written as null) when a picture gave the target
             prompt_truncated="prompt" in targets.truncated,
             timings=timings,
-            versions={"python": platform.python_version(), "torch": torch.__version__},
+            versions=_versions(),
             **{name: value for name, value in optional.items() if value is not None},
         )
+
+    def _embed_captions(self, job: Job, out: RunDirectory, timings: dict) -> Iterator[Path]:
+        """``embeddings.parquet`` (and ``errors.parquet`` for the rows set aside) of a captions
+        file, each row seeded by ``row_seed(seed, id)`` as ``didp batch --seed`` does; returns the counts."""
+        request, table = job.request, job.captions.table
+        good = table.filter(table["problem"].is_null())
+        ids, texts = good["id"].to_pylist(), good["caption"].to_pylist()
+        seeds = [row_seed(job.settings.seed, row_id) for row_id in ids]
+        settings = PriorSettings(
+            request.num_samples_per_batch, request.guidance_scale, request.prior_steps, request.negative_prompt
+        )
+        started, parts = time.perf_counter(), []
+        with tqdm(total=len(ids), desc="captions", unit="caption", file=sys.stderr) as bar:
+            for i in range(0, len(ids), CAPTION_BATCH):
+                batch = slice(i, i + CAPTION_BATCH)
+                parts.append(
+                    embeddings_table(
+                        ids[batch],
+                        texts[batch],
+                        seeds[batch],
+                        embed_captions(self.models, texts[batch], seeds[batch], settings),
+                    )
+                )
+                bar.update(len(parts[-1]))
+        timings["prior_seconds"] = time.perf_counter() - started
+        embedded = pa.concat_tables(parts)
+        yield out.write_parquet("embeddings.parquet", embedded)
+        bad = table.filter(table["problem"].is_valid())
+        if bad.num_rows:
+            yield out.write_parquet("errors.parquet", errors_table(bad["id"].to_pylist(), bad["problem"].to_pylist()))
+        truncated = int(pc.sum(embedded["truncated"]).as_py() or 0)
+        return CaptionCounts(rows=table.num_rows, embedded=embedded.num_rows, errors=bad.num_rows, truncated=truncated)
 
     # -- the prior -----------------------------------------------------------------------------------
 
@@ -357,6 +413,27 @@ class Pipeline:
                 score.similarity_to_negative = metric["similarity_to_negative"]
             scores.append(score)
         return scores
+
+
+def _captions(path: Path) -> Captions:
+    """A request's captions file, checked: some rows to embed, at most ``MAX_CAPTION_ROWS``."""
+    try:
+        rows = read_captions(path, sniff=True)
+    except ValueError as error:
+        raise ValueError(f"captions: {error}".replace(f"{path}: ", "")) from None
+    if len(rows) > MAX_CAPTION_ROWS:
+        raise ValueError(
+            f"captions: {len(rows)} rows, over the limit of {MAX_CAPTION_ROWS} a request; "
+            "didp batch embeds any number, resumably"
+        )
+    if rows.bad == len(rows):
+        first = rows.table["problem"][0].as_py()
+        raise ValueError(f"captions: no row has a caption to embed (row {rows.table['id'][0].as_py()}: {first})")
+    return rows
+
+
+def _versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__}
 
 
 def _array(embeds: torch.Tensor) -> np.ndarray:

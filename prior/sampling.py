@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +23,10 @@ from .schedule import NoiseSchedule, strided_timesteps
 
 Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
 ProgressCallback = Callable[[int, int], None]
+# One generator for every row, or one per caption: each caption's rows (its candidates) then
+# draw their noise from its own, so that a caption's embedding does not depend on the captions
+# it is batched with, and equals a single caption's sampled with the same seed.
+Generators = torch.Generator | Sequence[torch.Generator]
 
 DEFAULT_STEPS = 64
 
@@ -84,21 +88,31 @@ def make_denoiser(
     return denoise
 
 
+def randn(shape: tuple[int, int], generator: Generators, device: torch.device) -> torch.Tensor:
+    """Standard normal noise ``[rows, d]``; with one generator per caption, its rows from its own."""
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=device)
+    rows, rest = divmod(shape[0], len(generator))
+    if rest:
+        raise ValueError(f"{shape[0]} rows cannot be shared by {len(generator)} generators")
+    return torch.cat([torch.randn((rows, *shape[1:]), generator=g, device=device) for g in generator])
+
+
 def sample_ddpm(
     denoise: Denoiser,
     schedule: NoiseSchedule,
     shape: tuple[int, int],
-    generator: torch.Generator,
+    generator: Generators,
     callback: ProgressCallback | None = None,
 ) -> torch.Tensor:
     """0.11.5's ``p_sample_loop``: ancestral sampling over all timesteps, noise drawn in its order."""
     device = schedule.betas.device
-    x = torch.randn(shape, generator=generator, device=device)
+    x = randn(shape, generator, device)
     total = schedule.num_timesteps
     for i, t in enumerate(reversed(range(total))):
         x0 = denoise(x, t)
         mean = schedule.posterior_mean_coef1[t] * x0 + schedule.posterior_mean_coef2[t] * x
-        noise = torch.randn(shape, generator=generator, device=device)
+        noise = randn(shape, generator, device)
         nonzero = float(t != 0)
         x = mean + nonzero * (0.5 * schedule.posterior_log_variance_clipped[t]).exp() * noise
         if callback is not None:
@@ -110,7 +124,7 @@ def sample_ddim(
     denoise: Denoiser,
     schedule: NoiseSchedule,
     shape: tuple[int, int],
-    generator: torch.Generator,
+    generator: Generators,
     steps: int = DEFAULT_STEPS,
     eta: float = 1.0,
     callback: ProgressCallback | None = None,
@@ -123,7 +137,7 @@ def sample_ddim(
     device = schedule.betas.device
     ac = schedule.exact_alphas_cumprod()
     timesteps = strided_timesteps(schedule.num_timesteps, steps)
-    x = torch.randn(shape, generator=generator, device=device)
+    x = randn(shape, generator, device)
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         a_t = float(ac[t])
@@ -133,7 +147,7 @@ def sample_ddim(
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
         x = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
         if sigma > 0:
-            x = x + sigma * torch.randn(shape, generator=generator, device=device)
+            x = x + sigma * randn(shape, generator, device)
         if callback is not None:
             callback(i + 1, len(timesteps))
     return x
@@ -152,7 +166,7 @@ def sample_image_embeds(
     net: PriorNetwork,
     schedule: NoiseSchedule,
     text: TextEncoding,
-    generator: torch.Generator,
+    generator: Generators,
     *,
     candidates: int = 2,
     steps: int | None = DEFAULT_STEPS,
@@ -166,6 +180,7 @@ def sample_image_embeds(
     ``steps=None`` (or all timesteps) runs 0.11.5's ancestral loop; fewer steps run DDIM.
     ``candidates`` samples per caption are drawn and the one closest to the text kept.
     ``negative``: a caption that guidance steers away from (see ``make_denoiser``).
+    ``generator``: one for the whole batch, or one per caption (``Generators``).
     """
     b, dim = text.embed.shape
     shape = (b * candidates, dim)
