@@ -150,6 +150,9 @@ def core_figures(quick: bool) -> dict[str, float]:
         "batch.peak_fraction": seconds_at_peak * batched,
         "batch.single_peak_fraction": seconds_at_peak * single,
         "batch.speedup_vs_requests": batched / single,
+        "batch.prior_dtype_is_bf16": float(dtype == torch.bfloat16),
+        "batch.matmul_peak_gflops": peak[torch.float32] / 1e9,  # the peaks the fractions are of, this run
+        "batch.prior_dtype_matmul_peak_gflops": peak[dtype] / 1e9,
     }
 
 
