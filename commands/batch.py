@@ -39,6 +39,7 @@ from pipeline.shards import (
     JobSettings,
     Manifest,
     embeddings_schema,
+    embeddings_table,
     errors_table,
     input_sha256,
     read_manifest,
@@ -231,26 +232,15 @@ class Embedder:
                 f"the job's {sha256[:12]}"
             )
         self.settings = PriorSettings(**settings)
-        self.schema = embeddings_schema(self.models.clip.embed_dim).append(pa.field("shard", pa.int64()))
+        self.shard = pa.field("shard", pa.int64())  # the rows' shard, carried through for the driver
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.embeddings import embed_captions
 
-        out = embed_captions(self.models, batch["caption"].to_pylist(), batch["seed"].to_pylist(), self.settings)
-        dim = out.image.shape[1]
-        return pa.Table.from_arrays(
-            [
-                batch["id"],
-                batch["caption"],
-                pa.FixedSizeListArray.from_arrays(pa.array(out.text.numpy().reshape(-1)), dim),
-                pa.FixedSizeListArray.from_arrays(pa.array(out.image.numpy().reshape(-1)), dim),
-                pa.array(out.similarity.float().numpy()),
-                batch["seed"],
-                pa.array(out.truncated, pa.bool_()),
-                batch["shard"],
-            ],
-            schema=self.schema,
-        )
+        captions, seeds = batch["caption"].to_pylist(), batch["seed"].to_pylist()
+        out = embed_captions(self.models, captions, seeds, self.settings)
+        rows = embeddings_table(batch["id"].to_pylist(), captions, seeds, out)
+        return rows.append_column(self.shard, batch["shard"])
 
 
 def _identify(weights: str, cuda: bool) -> tuple[dict[str, str], int]:
