@@ -12,18 +12,23 @@ the tiny models (a pipeline check; its rates say nothing of full size).
   per caption) over the time the same FLOPs take at this CPU's matmul peak in each part's
   precision (the prior's in its dtype, CLIP's in float32), divided by the time measured.
 - ``batch.speedup_vs_requests``: captions per second batched over one at a time, same run.
+- ``batch.speedup_ceiling``: ``1 / single_peak_fraction``, the most batching could give over one
+  caption at a time: every caption at this CPU's matmul peak.
 - ``batch.gflop_per_caption``: the prior's and CLIP's FLOPs per caption.
 
-``ray_figures``, the Ray job (``didp batch``), in the same run:
+``ray_figures``, the Ray job (``didp batch``), in the same run, on a weights directory written
+for it (``testkit.weights``: the LAION-size prior, random, converted to this CPU's precision as a
+first start converts LAION's file, and a random CLIP with ViT-L/14's text tower); ``--quick``: the
+tiny models:
 
-- ``batch.core_captions_per_s``: ``pipeline.embeddings.embed_captions`` in this process, in
-  batches of 64, the models already loaded, with the actor's torch threads (the reference the
-  Ray job is measured against);
-  measured before and after the Ray job, the faster of the two kept (on a shared machine the
-  rate swings with the other load; the faster one makes the overhead below the less flattering);
+- ``batch.core_captions_per_s``: ``pipeline.embeddings.embed_captions`` in this process on the
+  same models loaded from the same directory, in the job's batch size, with all cores, as the
+  local job's worker has them: the reference the Ray job is measured against; measured before
+  and after the Ray job, the faster of the two kept (on a shared machine the rate swings with
+  the other load; the faster one makes the overhead below the less flattering);
 - ``batch.ray_captions_per_s``: the same captions through ``commands.batch.main`` (the command,
-  in this process), over its whole wall time: Ray's start, the actor's model load, the shards'
-  writing included;
+  in this process), over its whole wall time: Ray's start, the weights' identity, the worker's
+  model load, the shards' writing included;
 - ``batch.ray_overhead``: ``core_captions_per_s / ray_captions_per_s`` (target <= 1.3), both
   measured in this run;
 - ``batch.ray_fixed_seconds``: the wall time of the same job on one caption: Ray's start, the
@@ -32,20 +37,15 @@ the tiny models (a pipeline check; its rates say nothing of full size).
   costs, ``(n - 1) / (job seconds - fixed seconds)``, i.e. of a long job;
 - ``batch.resume_identical``: 1 when a real ``didp batch`` process killed with SIGKILL after its
   first shard and run again ends with the ids of an uninterrupted job in order and the same
-  embeddings bit for bit (the batches align with the shards), else 0.
+  embeddings bit for bit (the batches align with the shards), else 0 (tiny models, in both modes:
+  it checks the rows, not the speed).
 
-Models of the Ray figures: **the tiny random models in both modes**, not the LAION-size prior
-with a ViT-L/14 text tower: the workers load their models by ``--weights``, and the random
-LAION-size models (``laion_size_models``) exist only in this process, not as a weights directory;
-and enough captions to amortise Ray's start at full-size rates on 2 shared CPU cores would take
-well over the ~10 minutes a full run may spend. The overhead figures therefore bound Ray's cost
-from above: with heavier models the same fixed costs weigh less. Full run: 2048 captions, 64
-prior steps (the default); ``quick``: 256 captions, 16 steps. One worker, batches of 64, on the CPU.
+Full run: 128 captions, 64 prior steps (the default), batches of 32; ``quick``: 256 captions,
+16 steps, batches of 64. One worker, on the CPU.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -69,6 +69,7 @@ from prior.model import PriorNetwork
 from prior.schedule import NoiseSchedule
 from prior.weights import default_prior_dtype, load_models
 from testkit.batch import kill_after_first_shard, vectors
+from testkit.weights import write_laion_size_weights
 
 WORDS = ["lighthouse", "forest", "bicycle", "harbour", "mountain", "teapot", "violin", "garden"]
 
@@ -150,6 +151,8 @@ def core_figures(quick: bool) -> dict[str, float]:
         "batch.peak_fraction": seconds_at_peak * batched,
         "batch.single_peak_fraction": seconds_at_peak * single,
         "batch.speedup_vs_requests": batched / single,
+        # what batching could give at most: every caption at this CPU's peak, over one at a time
+        "batch.speedup_ceiling": 1 / (seconds_at_peak * single),
         "batch.prior_dtype_is_bf16": float(dtype == torch.bfloat16),
         "batch.matmul_peak_gflops": peak[torch.float32] / 1e9,  # the peaks the fractions are of, this run
         "batch.prior_dtype_matmul_peak_gflops": peak[dtype] / 1e9,
@@ -158,35 +161,27 @@ def core_figures(quick: bool) -> dict[str, float]:
 
 # -- the Ray job ------------------------------------------------------------------------------------------
 
-RAY_BATCH = 64
 
-
-def core_rate_tiny(texts: list[str], steps: int) -> float:
-    """The in-process core's captions/s on the tiny models, with as many torch threads as the
-    local job's actor has (all cores but one, which the job leaves to its driver)."""
-    models = load_models("tiny")
+def core_rate(models: Models, texts: list[str], steps: int, batch_size: int) -> float:
+    """The in-process core's captions/s, the models already loaded, in this process's torch threads
+    (all cores, as the local job's worker has them)."""
     settings = PriorSettings(prior_steps=steps)
     ids = [str(i + 1) for i in range(len(texts))]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
-    try:
-        embed_captions(models, texts[:RAY_BATCH], [row_seed(0, i) for i in ids[:RAY_BATCH]], settings)  # warm-up
-        started = time.perf_counter()
-        for i in range(0, len(texts), RAY_BATCH):
-            embed_captions(models, texts[i : i + RAY_BATCH], [row_seed(0, x) for x in ids[i : i + RAY_BATCH]], settings)
-        return len(texts) / (time.perf_counter() - started)
-    finally:
-        torch.set_num_threads(threads)
+    embed_captions(models, texts[:batch_size], [row_seed(0, i) for i in ids[:batch_size]], settings)  # warm-up
+    started = time.perf_counter()
+    for i in range(0, len(texts), batch_size):
+        embed_captions(models, texts[i : i + batch_size], [row_seed(0, x) for x in ids[i : i + batch_size]], settings)
+    return len(texts) / (time.perf_counter() - started)
 
 
-def ray_job(source: Path, out: Path, steps: int, shard: int) -> float:
+def ray_job(source: Path, out: Path, weights: str, steps: int, shard: int, batch_size: int) -> float:
     """The whole job's wall time in seconds."""
     import ray
 
     from commands.batch import main
 
-    args = [str(source), "-o", str(out), "--weights", "tiny", "--prior-steps", str(steps)]
-    args += ["--shard-size", str(shard), "--batch-size", str(RAY_BATCH), "--workers", "1"]
+    args = [str(source), "-o", str(out), "--weights", weights, "--prior-steps", str(steps)]
+    args += ["--shard-size", str(shard), "--batch-size", str(batch_size), "--workers", "1"]
     started = time.perf_counter()
     assert main(args) == 0, "the Ray job failed"
     seconds = time.perf_counter() - started
@@ -218,24 +213,31 @@ def resume_identical(tmp: Path, quick: bool) -> float:
 
 
 def ray_figures(quick: bool) -> dict[str, float]:
-    n, steps, shard = (256, 16, 64) if quick else (2048, 64, 256)
+    # full: 128 captions take the core about 2 minutes at full size on this CPU
+    n, steps, shard, batch_size = (256, 16, 64, 64) if quick else (128, 64, 64, 32)
     texts = captions(n)
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as name:
         tmp = Path(name)
+        dtype = default_prior_dtype(torch.device("cpu"))
+        weights = "tiny" if quick else str(write_laion_size_weights(tmp / "laion-size", dtype))
+        models = load_models(weights)
         source = tmp / "captions.parquet"
         pq.write_table(pa.table({"id": [str(i + 1) for i in range(n)], "caption": texts}), source)
-        before = core_rate_tiny(texts, steps)
-        seconds = ray_job(source, tmp / "out", steps, shard)
+        before = core_rate(models, texts, steps, batch_size)
+        seconds = ray_job(source, tmp / "out", weights, steps, shard, batch_size)
         one = tmp / "one.parquet"
         pq.write_table(pq.read_table(source).slice(0, 1), one)
-        fixed = ray_job(one, tmp / "out-one", steps, shard)  # a job of one caption: the fixed costs
-        core = max(before, core_rate_tiny(texts, steps))
-        figures["batch.core_captions_per_s"] = round(core, 2)
-        figures["batch.ray_captions_per_s"] = round(n / seconds, 2)
+        fixed = ray_job(one, tmp / "out-one", weights, steps, shard, batch_size)  # one caption: the fixed costs
+        core = max(before, core_rate(models, texts, steps, batch_size))
+        del models
+        figures["batch.ray_captions"] = float(n)
+        figures["batch.ray_batch_size"] = float(batch_size)
+        figures["batch.core_captions_per_s"] = round(core, 3)
+        figures["batch.ray_captions_per_s"] = round(n / seconds, 3)
         figures["batch.ray_overhead"] = round(core / (n / seconds), 3)
         figures["batch.ray_fixed_seconds"] = round(fixed, 2)
-        figures["batch.ray_marginal_captions_per_s"] = round((n - 1) / (seconds - fixed), 2)
+        figures["batch.ray_marginal_captions_per_s"] = round((n - 1) / (seconds - fixed), 3)
         figures["batch.ray_overhead_marginal"] = round(core * (seconds - fixed) / (n - 1), 3)
         figures["batch.resume_identical"] = resume_identical(tmp, quick)
     return figures
