@@ -15,7 +15,8 @@ import numpy as np
 
 ACCEPTED_DTYPES = ("float16", "float32", "float64")
 MAX_ROWS = 16  # pictures optimised together at most (a sequence's limit)
-MAX_BYTES = 1 << 20  # 16 rows of 4096 float64 values and the header fit well within it
+MAX_BYTES = 1 << 20
+NPY_MAGIC = b"\x93NUMPY"  # 16 rows of 4096 float64 values and the header fit well within it
 
 
 def load_embedding(path: str | Path, width: int | None, name: str = "embedding") -> np.ndarray:
@@ -35,6 +36,12 @@ def load_embedding(path: str | Path, width: int | None, name: str = "embedding")
             f"{name}: the file is {status.st_size:,} bytes, over the limit of {MAX_BYTES:,}; "
             f"give at most {MAX_ROWS} embedding rows as float32"
         )
+    with path.open("rb") as file:
+        start = file.read(len(NPY_MAGIC))
+    if start != NPY_MAGIC and not start.startswith(b"PK"):  # neither .npy nor .npz (a zip)
+        if start[:1] == b"\x80":  # a pickle's protocol opcode
+            raise ValueError(f"{name}: the file is a pickle, which is not read; save a plain array with numpy.save")
+        raise ValueError(f"{name}: not a .npy array (no .npy header); save one with numpy.save")
     try:
         array = np.load(path, allow_pickle=False)
     except ValueError as error:
