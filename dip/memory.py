@@ -63,9 +63,17 @@ def estimate_peak_bytes(
     held = 0
     if init_image:
         held = 4 * 3 * size * size
-        init_step = 4 * (network * factor + INIT_FLOATS_PER_PIXEL * size * size * BACKWARD_HEADROOM)
-        activations = max(activations, init_step)
+        activations = max(activations, init_step_bytes(size, num_scales, precision))
     return int(resident_bytes + held + members * activations)
+
+
+def init_step_bytes(size: int, num_scales: int, precision: str = "fp32") -> float:
+    """The activations of one step of the init phase for one picture: the network's, and the
+    pixel error's (no CLIP)."""
+    levels = sum(4.0**-level for level in range(num_scales + 1))
+    network = DIP_FLOATS_PER_PIXEL * size * size * levels
+    factor = BACKWARD_HEADROOM * (1.0 if precision == "fp32" else AUTOCAST_FACTOR)
+    return 4 * (network * factor + INIT_FLOATS_PER_PIXEL * size * size * BACKWARD_HEADROOM)
 
 
 def visualisation_peak_bytes(

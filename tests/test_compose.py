@@ -265,3 +265,64 @@ def test_didp_refuses_bad_files_before_loading_the_models(tmp_path, capsys):
     ]:
         assert cli.main(["-i", "prompt=x", "-i", arg, "--weights", "no-such-weights"]) == 2
         assert message in capsys.readouterr().err
+
+
+def saved_bytes(forward, parameters) -> int:
+    """The bytes autograd saves for the backward pass while ``forward()`` runs (each storage once,
+    ``parameters`` left out), as tests/test_faults.py measures them."""
+    kept = {p.untyped_storage().data_ptr() for p in parameters}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in kept:
+            saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(saved.values())
+
+
+def test_the_estimate_covers_what_autograd_keeps_with_many_targets_and_in_the_init_phase(pipeline):
+    """Measured against the bytes autograd saves for one step at 256 px, 4 cutouts, in the precision
+    the server runs in: a CLIP-guided step with 9 weighted targets, and an init step."""
+    from dip.loop import _autocast, _render_and_score, _Run, default_precision
+    from dip.memory import init_step_bytes
+    from dip.settings import DipSettings
+
+    clip, device = pipeline.models.clip, pipeline.device
+    precision = default_precision(device)
+    (run,) = [_Run(DipSettings(size=256, num_scales=3, num_cutouts=4, seed=0), 0, clip, device)]
+    parameters = [*clip.parameters(), *run.net.parameters()]
+    targets = torch.nn.functional.normalize(torch.randn(1, 9, clip.embed_dim, device=device), dim=-1)
+    weights = torch.linspace(-1, 1, 9, device=device)
+    measured = saved_bytes(
+        lambda: _render_and_score([run], [run.net_input], clip, targets, precision, weights=weights), parameters
+    )
+    estimated = pipeline.peak_bytes(256, 4, 3, targets=9) - pipeline.resident_bytes
+    assert measured <= estimated <= 2.5 * measured, (measured >> 20, estimated >> 20)
+    image = torch.rand(1, 3, 256, 256, device=device)
+
+    def init_step():
+        with _autocast(device, precision):
+            picture = run.net(run.net_input).float()
+        (picture - image).square().mean()
+
+    measured = saved_bytes(init_step, parameters)
+    estimated = init_step_bytes(256, 3, precision)
+    assert measured <= estimated <= 2.5 * measured, (measured >> 20, estimated >> 20)
+
+
+def test_didp_mixes_an_image_in_with_image_weight(tmp_path, monkeypatch, capsys, models):
+    monkeypatch.setenv("DIDP_OUTPUT_DIR", str(tmp_path / "work"))
+    picture().save(tmp_path / "picture.webp", "WEBP", lossless=True)
+    args = ["-i", "prompt=a lighthouse", "-i", f"image=@{tmp_path / 'picture.webp'}", "-i", "image_weight=-0.5"]
+    embed = [arg for name, value in EMBED.items() for arg in ("-i", f"{name}={value}")]
+    assert cli.main([*args, *embed, "--weights", "tiny", "-o", str(tmp_path / "out")]) == 0
+    targets = np.load(tmp_path / "out" / "target_embeddings.npy")
+    with torch.no_grad():
+        expected = models.clip.embed_image(clip_image_tensor(picture(), models.clip))
+    np.testing.assert_allclose(targets[1], expected[0].numpy(), atol=1e-6, rtol=0)  # lossless: the same pixels
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert [(t["source"], t["weight"]) for t in result["targets"]] == [("prompt", 1.0), ("image", -0.5)]
