@@ -164,6 +164,37 @@ class Predictor(BaseRunner):
         ),
         save_animation: bool = Input(description="Also write an animation of every emitted frame.", default=False),
         animation_format: str = Input(description="Format of the animations.", default="webp", choices=["webp", "gif"]),
+        weighted_prompts: str | None = Input(
+            description="More captions, each with a weight, added to the prompt (weight 1): caption:weight parts "
+            "separated by vertical bars, as in VQGAN+CLIP. A weight is read only where the text after a part's last "
+            "colon is a number ('a 3:2 photo' stays a caption); a backslash before a bar makes it literal. A positive "
+            "caption gets its own prior embedding; a negative one pushes the picture away from its text embedding.",
+            default=None,
+        ),
+        image_weight: float | None = Input(
+            description="With image: mix instead of replace. The picture's CLIP embedding joins the prompt's prior "
+            "embedding as one more target, with this weight (the prompt's is 1).",
+            default=None,
+            ge=-10,
+            le=10,
+        ),
+        embedding: Path | None = Input(
+            description="A CLIP image embedding to show instead of the prior's: a .npy file of float32 [d] or "
+            "[1, d]; [k, d] gives k pictures optimised together (frame_NN.png). The prompt still names the picture "
+            "for scoring.",
+            default=None,
+        ),
+        init_image: Path | None = Input(
+            description="A picture (PNG, JPEG or WebP) that the network first learns to reproduce, for init_steps "
+            "steps; the CLIP-guided iterations then start from it.",
+            default=None,
+        ),
+        init_steps: int | None = Input(
+            description="Steps fitting the network to init_image before the CLIP-guided iterations (default 50).",
+            default=None,
+            ge=1,
+            le=1000,
+        ),
         captions: Path | None = Input(
             description="Many captions to embed in one request (mode=embed): text with one caption a line, or CSV, "
             "JSONL or Parquet with id and caption columns, up to 10,000 rows. Gives embeddings.parquet; the "
@@ -174,7 +205,7 @@ class Predictor(BaseRunner):
         """Stream the embeddings (.npy, or embeddings.parquet for captions), the images (PNG), any
         animation and result.json."""
         inputs = {name: value for name, value in locals().items() if name != "self"}
-        for name in ("image", "captions"):
+        for name in ("image", "captions", "embedding", "init_image"):
             if inputs[name] is not None:
                 inputs[name] = uploaded_file(inputs[name], name)
         job = self.pipeline.prepare(Request.check(**inputs))  # everything checked before any work

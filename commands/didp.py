@@ -87,7 +87,8 @@ def checked_request(assignments: list[str]):
     """The request of ``-i`` assignments, checked as the server checks it and as the pipeline does
     before any model is loaded (files exist and are pictures, the inputs combine), so that a
     request that cannot work fails at once rather than after loading the weights."""
-    from pipeline.media import load_image
+    from pipeline.embedding_file import load_embedding
+    from pipeline.media import load_image, load_image_as
     from pipeline.request import Request
     from pipeline.validation import validate_inputs
 
@@ -97,6 +98,10 @@ def checked_request(assignments: list[str]):
             values[spec.name] = _local_file(spec.name, values[spec.name])
     if values.get("image") is not None:
         load_image(values["image"])  # the run decodes it again: a few ms, not a model load
+    if values.get("init_image") is not None:
+        load_image_as("init_image", values["init_image"])
+    if values.get("embedding") is not None:
+        load_embedding(values["embedding"], None)  # its width once CLIP is loaded
     return Request.check(**values)
 
 

@@ -6,8 +6,17 @@ optimises the hq skip net (``network``) against CLIP's view (``cutouts``) of its
 """
 
 from .cutouts import MakeCutouts, crop_and_resize
-from .loop import PRECISIONS, BatchFrame, Frame, default_precision, is_display_step, visualise, visualise_batch
-from .loss import spherical_distance
+from .loop import (
+    PRECISIONS,
+    BatchFrame,
+    Frame,
+    InitFrame,
+    default_precision,
+    is_display_step,
+    visualise,
+    visualise_batch,
+)
+from .loss import spherical_distance, weighted_spherical_loss
 from .network import OFFSET_TYPES, SkipNet, build_network, param_groups, validate_size
 from .settings import DipSettings, resolve_seed
 
@@ -17,6 +26,7 @@ __all__ = [
     "BatchFrame",
     "DipSettings",
     "Frame",
+    "InitFrame",
     "MakeCutouts",
     "SkipNet",
     "build_network",
@@ -26,6 +36,7 @@ __all__ = [
     "param_groups",
     "resolve_seed",
     "spherical_distance",
+    "weighted_spherical_loss",
     "validate_size",
     "visualise",
     "visualise_batch",

@@ -5,7 +5,8 @@ One step ``k`` (1-based) of ``iterations``:
 1. ``ramp = 1 - (k - 1) / iterations``; with input noise, the fixed input becomes
    ``x * cos(phi) + fresh_noise * sin(phi)``, ``phi = min(1, ramp * strength) * pi / 2``.
 2. The network renders ``image [1, 3, size, size]`` (autocast in fp16 on CUDA).
-3. Cutouts of it go through CLIP; the loss is the mean ``spherical_distance`` to the target.
+3. Cutouts of it go through CLIP; the loss is the mean ``spherical_distance`` to the target
+   (with several weighted targets, ``weighted_spherical_loss``: their weighted sum).
 4. Backward, a MADGRAD step (momentum 0.9; gradient scaling under fp16).
 5. With parameter noise: ``p += randn * group_lr * strength * ramp``.
 6. If ``k`` is a display step the frame ``(k, image, metrics)`` is yielded; then every
@@ -13,6 +14,10 @@ One step ``k`` (1-based) of ``iterations``:
 
 A frame shows the image rendered in its step, i.e. by the weights after ``k - 1`` updates,
 together with that image's loss, so emitting costs no extra forward pass.
+
+With an init image, ``init_steps`` steps come first (``InitFrame``s): each network is fitted to
+reproduce the picture (mean squared error of its pixels, MADGRAD at ``lr``, no noise, no CLIP),
+as deep-daze primes its network; the CLIP-guided steps then start from the fitted weights.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from backbone.clip import ClipEncoder
 from backbone.hardware import cpu_has_native_bf16, resolve_device
 
 from .cutouts import MakeCutouts
-from .loss import spherical_distance
+from .loss import spherical_distance, weighted_spherical_loss
 from .network import INPUT_CHANNELS, build_network, param_groups
 from .settings import DipSettings, resolve_seed
 
@@ -39,6 +44,7 @@ PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch
 PRECISIONS = tuple(PRECISION_DTYPES)
 MOMENTUM = 0.9
 _STREAMS = ("init", "input", "cutouts", "params")
+INIT_STEPS_MAX = 1000
 
 
 class Frame(NamedTuple):
@@ -97,11 +103,21 @@ def _autocast(device: torch.device, precision: str):
 
 class BatchFrame(NamedTuple):
     """Pictures optimised together, at one step: ``images [n, 3, size, size]`` float32 in [0, 1]
-    on the CPU, and each one's metrics (as ``Frame.metrics``)."""
+    on the CPU, and each one's metrics (as ``Frame.metrics``; with several targets also
+    ``similarities``, one per target)."""
 
     step: int
     images: torch.Tensor
     metrics: list[dict[str, float]]
+
+
+class InitFrame(NamedTuple):
+    """A step of the init phase, before the CLIP-guided steps: the pictures ``[n, 3, size, size]``
+    (float32 in [0, 1], on the CPU) and each one's mean squared error to the init image."""
+
+    step: int
+    images: torch.Tensor
+    losses: list[float]
 
 
 def visualise(
@@ -142,10 +158,13 @@ def visualise(
     return _single(frames)
 
 
-def _single(frames: Iterator[BatchFrame]) -> Iterator[Frame]:
+def _single(frames: Iterator[BatchFrame | InitFrame]) -> Iterator[Frame | InitFrame]:
     try:
         for frame in frames:
-            yield Frame(frame.step, frame.images[0], frame.metrics[0])
+            if isinstance(frame, InitFrame):
+                yield frame
+            else:
+                yield Frame(frame.step, frame.images[0], frame.metrics[0])
     finally:
         frames.close()
 
@@ -160,7 +179,10 @@ def visualise_batch(
     precision: str | None = None,
     negative: torch.Tensor | None = None,
     negative_weight: float = 0.0,
-) -> Iterator[BatchFrame]:
+    weights: Sequence[float] | None = None,
+    init_image: torch.Tensor | None = None,
+    init_steps: int = 0,
+) -> Iterator[BatchFrame | InitFrame]:
     """Several pictures optimised together, one per seed: ``BatchFrame``s on ``visualise``'s steps.
 
     Picture ``i`` is the run ``visualise(targets[i], clip, settings.replace(seed=seeds[i]))``:
@@ -173,6 +195,10 @@ def visualise_batch(
     and takes one backward pass over the sum of the losses: each network's gradient is that of
     its own loss, so each optimiser steps as in its own run (up to the rounding of CLIP's
     batched matmuls).
+
+    Several targets per picture: ``targets [n, t, d]`` with ``weights [t]`` (default all 1); the
+    loss is ``weighted_spherical_loss``. ``init_image [3, size, size]`` in [0, 1] with
+    ``init_steps`` first fits every network to it, yielding ``InitFrame``s on its display steps.
     """
     settings.validate()
     clip_device = next(clip.parameters()).device
@@ -191,11 +217,17 @@ def visualise_batch(
     targets = targets.detach()
     if targets.dim() == 1:
         targets = targets.expand(len(seeds), -1)
-    if targets.dim() != 2 or targets.shape[1] != clip.embed_dim or targets.shape[0] != len(seeds):
+    if targets.dim() == 2:
+        targets = targets[:, None]
+    if targets.dim() != 3 or targets.shape[2] != clip.embed_dim or targets.shape[0] != len(seeds):
         raise ValueError(
-            f"targets must have shape [{clip.embed_dim}] or [{len(seeds)}, {clip.embed_dim}] "
-            f"(one per seed), got {list(targets.shape)}"
+            f"targets must have shape [{clip.embed_dim}], [{len(seeds)}, {clip.embed_dim}] (one per seed) "
+            f"or [{len(seeds)}, t, {clip.embed_dim}] (t weighted targets each), got {list(targets.shape)}"
         )
+    weights = [1.0] * targets.shape[1] if weights is None else [float(w) for w in weights]
+    if len(weights) != targets.shape[1] or not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be {targets.shape[1]} finite numbers, one per target, got {weights}")
+    init = _checked_init(init_image, init_steps, settings.size, device)
     if not negative_weight >= 0:
         raise ValueError(f"negative_weight must be at least 0, got {negative_weight}")
     if negative is not None:
@@ -206,7 +238,26 @@ def visualise_batch(
     targets = F.normalize(targets.to(device=device, dtype=torch.float32), dim=-1)
     seeds = [resolve_seed(seed) for seed in seeds]
     weight = float(negative_weight) if negative is not None else 0.0
-    return _frames(targets, clip, settings, seeds, device, precision, negative, weight)
+    loss_weights = torch.tensor(weights, device=device)
+    return _frames(targets, clip, settings, seeds, device, precision, negative, weight, loss_weights, init)
+
+
+def _checked_init(
+    image: torch.Tensor | None, steps: int, size: int, device: torch.device
+) -> tuple[torch.Tensor, int] | None:
+    """The init image ``[1, 3, size, size]`` on ``device`` and its steps, or None without one."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= INIT_STEPS_MAX:
+        raise ValueError(f"init_steps must be an int in [0, {INIT_STEPS_MAX}], got {steps!r}")
+    if image is None:
+        if steps:
+            raise ValueError("init_steps needs an init_image")
+        return None
+    image = image.detach().reshape(1, *image.shape[-3:]) if image.dim() in (3, 4) else image
+    if image.shape != (1, 3, size, size):
+        raise ValueError(f"init_image must have shape [3, {size}, {size}], got {list(image.shape)}")
+    if not (torch.isfinite(image).all() and image.min() >= 0 and image.max() <= 1):
+        raise ValueError("init_image must hold finite values in [0, 1]")
+    return image.to(device=device, dtype=torch.float32).contiguous(memory_format=torch.channels_last), steps
 
 
 class _Run:
@@ -246,21 +297,26 @@ def _frames(
     precision: str,
     negative: torch.Tensor | None,
     negative_weight: float,
+    weights: torch.Tensor,
+    init: tuple[torch.Tensor, int] | None,
 ) -> Iterator[BatchFrame]:
     runs = [_Run(settings, seed, clip, device) for seed in seeds]
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     images = losses = None
+    score = dict(negative=negative, negative_weight=negative_weight, weights=weights)
     try:
+        if init is not None:
+            yield from _fit_init(runs, *init, settings, precision)
         if settings.iterations == 0:
             with torch.no_grad():
                 images, losses = _render_and_score(
-                    runs, [run.net_input for run in runs], clip, targets, precision, negative, negative_weight
+                    runs, [run.net_input for run in runs], clip, targets, precision, **score
                 )
             yield _batch_frame(0, images, losses, clip, targets, negative, settings.lr, seeds)
             return
         for step in range(1, settings.iterations + 1):
             ramp = 1 - (step - 1) / settings.iterations
-            images, losses = _step(runs, ramp, settings, scaler, clip, targets, precision, negative, negative_weight)
+            images, losses = _step(runs, ramp, settings, scaler, clip, targets, precision, **score)
             if is_display_step(step, settings.iterations, settings.display_freq):
                 lr = runs[0].optimiser.param_groups[0]["lr"]
                 yield _batch_frame(step, images, losses, clip, targets, negative, lr, seeds)
@@ -276,6 +332,34 @@ def _frames(
         del runs, scaler, images, losses
 
 
+def _fit_init(
+    runs: list[_Run], image: torch.Tensor, steps: int, settings: DipSettings, precision: str
+) -> Iterator[InitFrame]:
+    """Fit every network to reproduce ``image [1, 3, s, s]`` in ``steps`` steps: mean squared error
+    of the pixels, each network's own MADGRAD at ``settings.lr`` (the CLIP phase's optimiser
+    starts afresh from the fitted weights). ``InitFrame``s on the display steps."""
+    optimisers = [
+        MADGRAD(param_groups(run.net, settings.lr, settings.offset_lr_fac), settings.lr, momentum=MOMENTUM)
+        for run in runs
+    ]
+    scaler = torch.amp.GradScaler(image.device.type, enabled=precision == "fp16")
+    try:
+        for step in range(1, steps + 1):
+            with _autocast(image.device, precision):
+                images = [run.net(run.net_input).float() for run in runs]
+            losses = torch.stack([(picture - image).square().mean() for picture in images])
+            for optimiser in optimisers:
+                optimiser.zero_grad(set_to_none=True)
+            scaler.scale(losses.sum()).backward()
+            for optimiser in optimisers:
+                scaler.step(optimiser)
+            scaler.update()
+            if is_display_step(step, steps, settings.display_freq):
+                yield InitFrame(step, torch.cat(images).detach().clamp(0, 1).cpu(), losses.tolist())
+    finally:
+        del optimisers, scaler
+
+
 def _step(
     runs: list[_Run],
     ramp: float,
@@ -286,13 +370,14 @@ def _step(
     precision: str,
     negative: torch.Tensor | None,
     negative_weight: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step of every picture: render, score, backward, MADGRAD, parameter noise.
 
     Returns the pictures rendered in it and their losses (``_render_and_score``).
     """
     inputs = [run.input_at(ramp, settings.input_noise_strength) for run in runs]
-    images, losses = _render_and_score(runs, inputs, clip, targets, precision, negative, negative_weight)
+    images, losses = _render_and_score(runs, inputs, clip, targets, precision, negative, negative_weight, weights)
     for run in runs:
         run.optimiser.zero_grad(set_to_none=True)
     scaler.scale(losses.sum()).backward()
@@ -319,17 +404,23 @@ def _render_and_score(
     precision: str,
     negative: torch.Tensor | None = None,
     negative_weight: float = 0.0,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pictures ``[n, 3, s, s]`` (float32) and each one's mean loss over its cutouts ``[n]``.
 
-    Every picture's cutouts go through CLIP in one batch.
+    ``targets``: ``[n, d]``, or ``[n, t, d]`` with ``weights [t]`` (default all 1). Every
+    picture's cutouts go through CLIP in one batch.
     """
+    if targets.dim() == 2:
+        targets = targets[:, None]
+    if weights is None:
+        weights = torch.ones(targets.shape[1], device=targets.device)
     with _autocast(inputs[0].device, precision):
         images = [run.net(x).float().contiguous() for run, x in zip(runs, inputs, strict=True)]  # plain for cutouts
         cutouts = torch.cat([run.make_cutouts(image) for run, image in zip(runs, images, strict=True)])
         embeds = clip.encode_image(clip.normalize(cutouts)).float()
     embeds = embeds.view(len(runs), -1, embeds.shape[-1])  # [n, cutouts, d]
-    losses = spherical_distance(embeds, targets[:, None]).mean(dim=1)
+    losses = weighted_spherical_loss(embeds, targets, weights)
     if negative is not None and negative_weight:
         losses = losses - negative_weight * spherical_distance(embeds, negative).mean(dim=1)
     return torch.cat(images), losses
@@ -350,11 +441,13 @@ def _batch_frame(
     # fp16's: the gradient scaler reads each optimiser's inf/NaN check to skip or take the step
     pictures = images.detach().clamp(0, 1)
     embeds = clip.embed_image(pictures)
-    similarities = (embeds * targets).sum(dim=-1).tolist()
+    similarities = (embeds[:, None] * targets).sum(dim=-1).tolist()  # [n, t]
     to_negative = (embeds @ negative).tolist() if negative is not None else None
     metrics = []
     for i, loss in enumerate(losses.tolist()):
-        metric = {"loss": loss, "similarity": similarities[i], "lr": lr, "seed": seeds[i]}
+        metric = {"loss": loss, "similarity": similarities[i][0], "lr": lr, "seed": seeds[i]}
+        if len(similarities[i]) > 1:
+            metric["similarities"] = similarities[i]
         if to_negative is not None:
             metric["similarity_to_negative"] = to_negative[i]
         metrics.append(metric)

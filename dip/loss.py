@@ -17,3 +17,15 @@ def spherical_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     chord = (F.normalize(a, dim=-1) - F.normalize(b, dim=-1)).norm(dim=-1)
     # rounding can push the chord of opposite directions just past 2, outside arcsin's domain
     return 2 * (chord / 2).clamp(max=1).arcsin().square()
+
+
+def weighted_spherical_loss(embeds: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The visualiser's loss with several weighted targets, as LAION's loop sums its prompts.
+
+    ``embeds [n, c, d]`` (``c`` cutouts of each of ``n`` pictures), ``targets [n, t, d]`` (each
+    picture's ``t`` targets), ``weights [t]`` -> ``[n]``:
+    ``sum_t weights[t] * mean_c spherical_distance(embeds[:, c], targets[:, t])``.
+    A negative weight pushes the picture away from its target.
+    """
+    distances = spherical_distance(embeds[:, :, None], targets[:, None])  # [n, c, t]
+    return (distances.mean(dim=1) * weights.to(distances.dtype)).sum(dim=-1)

@@ -120,6 +120,24 @@ def load_image(path: str | Path) -> Image.Image:
             ) from exc
 
 
+def load_image_as(name: str, path: str | Path) -> Image.Image:
+    """``load_image`` for the input ``name``: its messages start with ``{name}: ``."""
+    try:
+        return load_image(path)
+    except ImageInputError as error:
+        raise ImageInputError(f"{name}: {str(error).removeprefix('image: ')}") from None
+
+
+def load_init_image(path: str | Path, size: int) -> torch.Tensor:
+    """A user's init picture, checked as ``load_image`` checks ``image`` (messages start with
+    ``init_image: ``), its shorter side resized to ``size`` and its centre cropped (bicubic):
+    ``[3, size, size]`` float32 in [0, 1]."""
+    picture = load_image_as("init_image", path)
+    fitted = ImageOps.fit(picture, (size, size), Image.Resampling.BICUBIC)
+    pixels = torch.frombuffer(bytearray(fitted.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    return pixels.permute(2, 0, 1).float() / 255
+
+
 def to_image(frame: torch.Tensor | Image.Image) -> Image.Image:
     if isinstance(frame, Image.Image):
         return frame.convert("RGB")

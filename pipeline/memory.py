@@ -89,7 +89,7 @@ class MemoryBudget:
         elif size > 256 and fits(256, 4, min(scales, 6)):
             hint = "use size=256"
         elif members > 1:
-            hint = "fewer images at once (num_outputs or interpolation_steps) would fit"
+            hint = "fewer images at once (num_outputs, interpolation_steps or embedding rows) would fit"
         else:
             hint = f"nothing fits: raise {BUDGET_SETTING} or use a bigger device"
         images = f" for {members} images at once" if members > 1 else ""

@@ -26,8 +26,11 @@ from dip.network import validate_size
 from dip.settings import MAX_DRAWN_SEED, DipSettings
 
 from .inputs import InputSpec
+from .weighted_prompts import WeightedCaption, parse_weighted_prompts
 
 DEFAULT_INTERPOLATION_STEPS = 8
+DEFAULT_INIT_STEPS = 50
+FILE_INPUTS = ("image", "captions", "embedding", "init_image")
 CAPTIONS = ("interpolate_to", "edit_prompt", "negative_prompt")
 NOT_BLANK = r"\S"
 _DIP_DEFAULTS = {field.name: field.default for field in dataclasses.fields(DipSettings)}
@@ -137,6 +140,38 @@ class Request(BaseModel):
     )
     save_animation: bool = Field(False, description="Also write an animation of every emitted frame.")
     animation_format: Literal["webp", "gif"] = Field("webp", description="Format of the animations.")
+    weighted_prompts: str | None = Field(
+        None,
+        description="More captions, each with a weight, added to the prompt (weight 1): caption:weight parts "
+        "separated by vertical bars, as in VQGAN+CLIP. A weight is read only where the text after a part's last "
+        "colon is a number ('a 3:2 photo' stays a caption); a backslash before a bar makes it literal. A positive "
+        "caption gets its own prior embedding; a negative one pushes the picture away from its text embedding.",
+    )
+    image_weight: float | None = Field(
+        None,
+        ge=-10,
+        le=10,
+        description="With image: mix instead of replace. The picture's CLIP embedding joins the prompt's prior "
+        "embedding as one more target, with this weight (the prompt's is 1).",
+    )
+    embedding: Path | None = Field(
+        None,
+        description="A CLIP image embedding to show instead of the prior's: a .npy file of float32 [d] or [1, d]; "
+        "[k, d] gives k pictures optimised together (frame_NN.png). The prompt still names the picture for "
+        "scoring.",
+    )
+    init_image: Path | None = Field(
+        None,
+        description="A picture (PNG, JPEG or WebP) that the network first learns to reproduce, for init_steps "
+        "steps; the CLIP-guided iterations then start from it.",
+    )
+    init_steps: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description=f"Steps fitting the network to init_image before the CLIP-guided iterations "
+        f"(default {DEFAULT_INIT_STEPS}).",
+    )
     captions: Path | None = Field(
         None,
         description="Many captions to embed in one request (mode=embed): text with one caption a line, or CSV, "
@@ -155,6 +190,14 @@ class Request(BaseModel):
     @classmethod
     def _blank_is_none(cls, value: str | None) -> str | None:
         return text_or_none(value)
+
+    @field_validator("weighted_prompts")
+    @classmethod
+    def _parsed(cls, value: str | None) -> str | None:
+        value = text_or_none(value)
+        if value is not None:
+            parse_weighted_prompts(value)  # refused here, naming the part, before any work
+        return value
 
     @model_validator(mode="after")
     def _combinations(self) -> Request:
@@ -194,6 +237,7 @@ class Request(BaseModel):
                 f"animation_format={self.animation_format} needs an animation: save_animation=true, "
                 "or a sequence (interpolate_to, or edit_prompt with interpolation_steps)"
             )
+        problems += self._composition_problems()
         if self.captions is not None:
             if self.mode != "embed":
                 problems.append("captions makes embeddings only: it needs mode=embed")
@@ -201,6 +245,7 @@ class Request(BaseModel):
                 "image": self.image is not None,
                 "interpolate_to": self.interpolate_to,
                 "edit_prompt": self.edit_prompt,
+                "weighted_prompts": self.weighted_prompts,
             }
             problems += [f"captions cannot be combined with {name}" for name, on in alone.items() if on]
         if self.mode == "embed":
@@ -208,9 +253,49 @@ class Request(BaseModel):
                 "num_outputs": self.num_outputs > 1,
                 "save_animation": self.save_animation,
                 "negative_weight": self.negative_weight > 0,
+                "embedding": self.embedding is not None,
+                "init_image": self.init_image is not None,
             }
             problems += [f"{name} makes pictures: it needs mode=visualize" for name, on in pictures_only.items() if on]
         return problems
+
+    def _composition_problems(self) -> list[str]:
+        """How weighted prompts, mixed images, embeddings and init images go with the rest."""
+        problems = []
+        if self.image_weight is not None and self.image is None:
+            problems.append(f"image_weight={self.image_weight:g} needs an image to mix in")
+        if self.init_steps is not None and self.init_image is None:
+            problems.append(f"init_steps={self.init_steps} needs an init_image")
+        if self.embedding is not None and self.image is not None:
+            problems.append("embedding and image both give the target: give one of them")
+        sequences = {"interpolate_to": self.interpolate_to, "edit_prompt": self.edit_prompt}
+        targets = {
+            "weighted_prompts": self.weighted_prompts is not None,
+            "image_weight": self.image_weight is not None,
+            "embedding": self.embedding is not None,
+        }
+        for name, on in targets.items():
+            for other, given in sequences.items():
+                if on and given:
+                    problems.append(f"{name} cannot be combined with {other}, which makes its own targets")
+        return problems
+
+    @property
+    def weighted_captions(self) -> list[WeightedCaption]:
+        """``weighted_prompts`` parsed: each caption with its weight (none without it)."""
+        return parse_weighted_prompts(self.weighted_prompts) if self.weighted_prompts else []
+
+    @property
+    def added_targets(self) -> int:
+        """Targets of the loss beside each picture's own: the weighted captions and a mixed-in image."""
+        return len(self.weighted_captions) + (self.image_weight is not None)
+
+    @property
+    def resolved_init_steps(self) -> int:
+        """Steps of the init phase: 0 without an init image."""
+        if self.init_image is None:
+            return 0
+        return DEFAULT_INIT_STEPS if self.init_steps is None else self.init_steps
 
     @property
     def is_sequence(self) -> bool:
@@ -238,7 +323,7 @@ class Request(BaseModel):
     def echo(self) -> dict[str, Any]:
         """The inputs as ``result.json`` records them: a file input as ``"(a file)"``, never its path."""
         inputs = self.model_dump(mode="json")
-        for name in ("image", "captions"):
+        for name in FILE_INPUTS:
             inputs[name] = None if getattr(self, name) is None else "(a file)"
         return inputs
 

@@ -3,7 +3,8 @@
 A field that is left unset is left out of the file (``exclude_unset``): ``image`` only for a
 picture input, ``truncated_inputs`` only when a caption was cut at CLIP's 77 tokens,
 ``prior_interpolate_to`` only for an interpolation, ``final`` only with pictures, ``outputs``
-only for pictures optimised together, ``captions`` only for a ``captions`` file. A NaN or an
+only for pictures optimised together, ``captions`` only for a ``captions`` file, ``init`` only
+with an init image; ``targets`` for every request but a ``captions`` file. A NaN or an
 infinity (a diverged run's loss) is written as ``null``, so the file is always standard JSON.
 """
 
@@ -56,6 +57,34 @@ class OutputPicture(Score):
     file: str
 
 
+class TargetScore(_Model):
+    """One target of the visualiser's loss (``weighted_spherical_loss``), in the order of
+    ``target_embeddings.npy`` where that file holds them.
+
+    ``source``: ``prompt`` (the prior's embedding of the prompt), ``weighted_prompts``, ``image``,
+    ``embedding`` (a row of the file, ``row``), ``negative_prompt`` (its text embedding, pushed away
+    from with ``negative_weight``), or for a sequence ``interpolate_to`` or ``edit_prompt`` (one per
+    frame, ``row``). ``similarity``: the cosine of the final picture's CLIP embedding to it (its own
+    picture for a row; else the best, or the first, picture); null with ``mode=embed``. ``seed``:
+    the prior's, for a target the prior sampled. Every entry has every field."""
+
+    source: str
+    weight: float
+    caption: str | None = None
+    row: int | None = None
+    seed: int | None = None
+    similarity: float | None = None
+
+
+class InitPhase(_Model):
+    """The init phase: its steps, and the pictures' mean squared error to the init image (pixels in
+    [0, 1], the mean over the pictures) at its first and its last step."""
+
+    steps: int
+    mse_first_step: float | None
+    mse_last_step: float | None
+
+
 class CaptionCounts(_Model):
     """A ``captions`` request: its rows, those embedded (in ``embeddings.parquet``), those set
     aside (in ``errors.parquet``, with the reason) and those cut at CLIP's 77 tokens."""
@@ -79,6 +108,8 @@ class Result(_Model):
     final: FinalScore | None = None
     outputs: list[OutputPicture] | None = None
     captions: CaptionCounts | None = None
+    targets: list[TargetScore] | None = None
+    init: InitPhase | None = None
     timings: dict[str, float] = {}
     versions: dict[str, str] = {}
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from backbone.clip import TextEncoding
 from backbone.hardware import configure_backends, default_device, resolve_device
 from backbone.preprocess import clip_image_tensor
-from dip import visualise_batch
+from dip import InitFrame, visualise_batch
 from dip.memory import visualisation_peak_bytes
 from dip.settings import MAX_DRAWN_SEED, DipSettings, resolve_seed
 from prior.factory import Models
@@ -43,13 +43,25 @@ from prior.weights import load_models
 
 from .allocator import keep_freed_memory, release_freed_memory
 from .captions import Captions, read_captions
+from .embedding_file import load_embedding
 from .embeddings import PriorSettings, embed_captions, row_seed
-from .media import load_image
+from .media import load_image, load_init_image
 from .memory import MemoryBudget, is_out_of_memory, out_of_memory_error
 from .request import Request
-from .results import CaptionCounts, FinalScore, OutputPicture, PictureSize, PriorChoice, Result, Score
+from .results import (
+    CaptionCounts,
+    FinalScore,
+    InitPhase,
+    OutputPicture,
+    PictureSize,
+    PriorChoice,
+    Result,
+    Score,
+    TargetScore,
+)
 from .rundir import RunDirectory, remove_abandoned
 from .shards import embeddings_table, errors_table
+from .weighted_prompts import caption_seed
 
 log = logging.getLogger("didp")
 
@@ -61,12 +73,33 @@ CAPTION_BATCH = 32  # captions per pass of the prior (benchmarks/bench_batch.py 
 @dataclass(frozen=True)
 class Job:
     """A request checked against this pipeline, before any work: its visualiser settings (the
-    seed drawn), and its picture decoded."""
+    seed drawn), and its files read: the picture decoded, the embedding rows ``[k, d]``, the init
+    picture ``[3, size, size]``."""
 
     request: Request
     settings: DipSettings
     picture: Image.Image | None = None
     captions: Captions | None = None
+    embedding: np.ndarray | None = None
+    init_picture: torch.Tensor | None = None
+
+    @property
+    def members(self) -> int:
+        """Pictures optimised together: the request's, or one per row of its embedding."""
+        return max(self.request.members, 0 if self.embedding is None else self.embedding.shape[0])
+
+
+@dataclass
+class Term:
+    """A target of the loss beside each picture's own (``Targets.targets``), with its weight: a
+    weighted caption's prior embedding (or, weighted below 0, its text embedding), or a mixed-in
+    picture's CLIP embedding (``embed [d]``, l2-normalised)."""
+
+    source: str
+    weight: float
+    embed: torch.Tensor
+    caption: str | None = None
+    seed: int | None = None
 
 
 @dataclass
@@ -82,6 +115,8 @@ class Targets:
     prior: PriorChoice | None = None
     prior_interpolate_to: PriorChoice | None = None
     truncated: list[str] = field(default_factory=list)
+    source: str = "prompt"  # what gave `targets`: prompt, image, embedding, interpolate_to or edit_prompt
+    added: list[Term] = field(default_factory=list)
 
 
 @dataclass
@@ -90,6 +125,9 @@ class Pictures:
 
     final: FinalScore
     outputs: list[OutputPicture] | None = None
+    similarities: list[list[float]] = field(default_factory=list)  # [picture][target], pictures unranked
+    lead: int = 0  # the picture `final` describes
+    init: InitPhase | None = None
 
 
 class Pipeline:
@@ -137,19 +175,46 @@ class Pipeline:
         the memory budget. Draws the seed for ``seed=-1``."""
         picture = load_image(request.image) if request.image is not None else None
         captions = _captions(request.captions) if request.captions is not None else None
+        embedding = None
+        if request.embedding is not None:
+            embedding = load_embedding(request.embedding, self.models.clip.embed_dim)
+            if embedding.shape[0] > 1 and request.num_outputs > 1:
+                raise ValueError(
+                    f"num_outputs={request.num_outputs} cannot be combined with an embedding of "
+                    f"{embedding.shape[0]} rows, which gives one picture per row: set num_outputs=1"
+                )
+        init = None if request.init_image is None else load_init_image(request.init_image, request.size)
         settings = request.dip_settings(resolve_seed(request.seed))
+        job = Job(request, settings, picture, captions, embedding, init)
         if request.mode == "visualize":
             self.memory.check(
-                lambda size, cutouts, scales: self.peak_bytes(size, cutouts, scales, request.members),
+                lambda size, cutouts, scales: self.peak_bytes(
+                    size,
+                    cutouts,
+                    scales,
+                    job.members,
+                    targets=1 + request.added_targets,
+                    init_image=init is not None,
+                ),
                 settings.size,
                 settings.num_cutouts,
                 settings.num_scales,
-                request.members,
+                job.members,
             )
-        return Job(request, settings, picture, captions)
+        return job
 
-    def peak_bytes(self, size: int, num_cutouts: int, num_scales: int, members: int = 1) -> int:
-        """A visualisation's estimated peak memory on this pipeline's device, weights included."""
+    def peak_bytes(
+        self,
+        size: int,
+        num_cutouts: int,
+        num_scales: int,
+        members: int = 1,
+        *,
+        targets: int = 1,
+        init_image: bool = False,
+    ) -> int:
+        """A visualisation's estimated peak memory on this pipeline's device, weights included:
+        ``targets`` weighted targets per picture, after an init phase if ``init_image``."""
         return visualisation_peak_bytes(
             self.models.clip,
             self.device,
@@ -158,6 +223,8 @@ class Pipeline:
             num_scales,
             members=members,
             resident_bytes=self.resident_bytes,
+            targets=targets,
+            init_image=init_image,
         )
 
     def new_run_directory(self) -> RunDirectory:
@@ -209,10 +276,15 @@ class Pipeline:
         yield out.write_npy("image_embedding.npy", _array(targets.base))
         if job.request.interpolate_to or job.request.edit_prompt:
             yield out.write_npy("target_embeddings.npy", _array(targets.targets))
+        elif targets.added:
+            rows = torch.stack([embed for _, embed in _target_rows(job, targets)])
+            yield out.write_npy("target_embeddings.npy", _array(rows))
         pictures = None
         if job.request.mode == "visualize":
             pictures = yield from self._visualise(job, targets, out, timings)
             self.on_metric("final_similarity", pictures.final.similarity_to_target)
+            if pictures.init is not None:
+                self.on_metric("init_mse", pictures.init.mse_last_step)
         for name, value in timings.items():
             self.on_metric(name, value)
         yield out.write_text("result.json", self._result(job, targets, pictures, timings).to_json())
@@ -224,6 +296,8 @@ class Pipeline:
             "prior_interpolate_to": targets.prior_interpolate_to,
             "final": pictures.final if pictures else None,
             "outputs": pictures.outputs if pictures else None,
+            "init": pictures.init if pictures else None,
+            "targets": _target_scores(job, targets, pictures),
         }
         return Result(
             inputs=job.request.echo(),
@@ -276,15 +350,17 @@ class Pipeline:
         tokens = self.models.clip.tokenize(caption)
         if tokens.truncated[0]:
             log.warning("%s longer than CLIP's 77 tokens: truncated", name)
-            truncated.append(name)
+            if name not in truncated:
+                truncated.append(name)
         return tokens.ids, self.models.clip.encode_text(tokens.ids.to(self.device))
 
     def _sample_prior(
-        self, text: TextEncoding, negative: TextEncoding | None, job: Job, name: str
+        self, text: TextEncoding, negative: TextEncoding | None, job: Job, name: str, seed: int | None = None
     ) -> tuple[torch.Tensor, PriorChoice]:
-        """The prior's l2-normalised image embedding ``[1, d]`` for ``text``, and how it was chosen."""
+        """The prior's l2-normalised image embedding ``[1, d]`` for ``text``, and how it was chosen;
+        sampled with ``seed`` (default: the job's)."""
         request, prior = job.request, self.models.prior
-        generator = torch.Generator(self.device).manual_seed(job.settings.seed)
+        generator = torch.Generator(self.device).manual_seed(job.settings.seed if seed is None else seed)
         with tqdm(total=request.prior_steps, desc=f"prior ({name})", file=sys.stderr) as bar:
             sample = sample_image_embeds(
                 prior.net,
@@ -315,14 +391,21 @@ class Pipeline:
         negative = None
         if request.negative_prompt:
             _, negative = self._encode(request.negative_prompt, "negative_prompt", truncated)
-        prior = None
-        if job.picture is None:
-            base, prior = self._sample_prior(text, negative, job, "prompt")
-        else:
+        prior, source, picture = None, "prompt", None
+        if job.picture is not None:
             with torch.no_grad():
-                base = clip.embed_image(clip_image_tensor(job.picture, clip).to(self.device))
+                picture = clip.embed_image(clip_image_tensor(job.picture, clip).to(self.device))
+        if job.embedding is not None:
+            base, source = F.normalize(torch.from_numpy(job.embedding).to(self.device), dim=-1), "embedding"
+        elif picture is not None and request.image_weight is None:
+            base, source = picture, "image"
+        else:
+            base, prior = self._sample_prior(text, negative, job, "prompt")
         negative_embed = None if negative is None else negative.embed[0]
-        found = Targets(ids, text.embed, base, base, negative_embed, prior, truncated=truncated)
+        found = Targets(ids, text.embed, base, base, negative_embed, prior, truncated=truncated, source=source)
+        if picture is not None and request.image_weight is not None:
+            found.added.append(Term("image", request.image_weight, picture[0]))
+        found.added += self._weighted_terms(job, negative, truncated)
         if request.interpolate_to:
             _, other_text = self._encode(request.interpolate_to, "interpolate_to", truncated)
             other, found.prior_interpolate_to = self._sample_prior(other_text, negative, job, "interpolate_to")
@@ -332,7 +415,23 @@ class Pipeline:
                 base[0], text.embed[0], edit_text.embed[0], request.edit_strength, request.target_count
             )
             found.targets = steps.reshape(-1, base.shape[-1])
+        if request.interpolate_to or request.edit_prompt:
+            found.source = "interpolate_to" if request.interpolate_to else "edit_prompt"
         return found
+
+    def _weighted_terms(self, job: Job, negative: TextEncoding | None, truncated: list[str]) -> list[Term]:
+        """A target per weighted caption: the prior's embedding for a positive weight, sampled with
+        ``caption_seed(seed, part)``; the caption's text embedding for a negative one."""
+        terms = []
+        for part, (caption, weight) in enumerate(job.request.weighted_captions, start=1):
+            _, encoding = self._encode(caption, "weighted_prompts", truncated)
+            if weight > 0:
+                seed = caption_seed(job.settings.seed, part)
+                embed, _ = self._sample_prior(encoding, negative, job, f"weighted_prompts {part}", seed)
+                terms.append(Term("weighted_prompts", weight, embed[0], caption, seed))
+            else:
+                terms.append(Term("weighted_prompts", weight, F.normalize(encoding.embed[0], dim=-1), caption))
+        return terms
 
     # -- the visualiser ------------------------------------------------------------------------------
 
@@ -347,20 +446,35 @@ class Pipeline:
         # seed, seed+1, ... wrapping past MAX_DRAWN_SEED, so that every reported seed can be given back as `seed`
         seeds = [(settings.seed + i) % (MAX_DRAWN_SEED + 1) for i in range(n)] if best_of else [settings.seed] * n
         started = time.perf_counter()
+        own = targets.targets.expand(n, -1)
+        weights = None
+        if targets.added:  # each picture's own target first, then the shared weighted ones
+            added = torch.stack([term.embed for term in targets.added]).to(own)
+            own = torch.cat([own[:, None], added[None].expand(n, -1, -1)], dim=1)
+            weights = [1.0] + [term.weight for term in targets.added]
+        init_steps = request.resolved_init_steps
         frames = visualise_batch(
-            targets.targets.expand(n, -1),
+            own,
             self.models.clip,
             settings,
             seeds,
             device=self.device,
             negative=targets.negative,
             negative_weight=request.negative_weight,
+            weights=weights,
+            init_image=job.init_picture,
+            init_steps=init_steps,
         )
-        last, written = None, []
+        last, written, init_mse = None, [], []
         with contextlib.closing(
-            _with_progress(frames, settings.iterations, "visualise" + ("" if single else f" x{n}"))
+            _with_progress(frames, settings.iterations, init_steps, "visualise" + ("" if single else f" x{n}"))
         ) as progress:
             for frame in progress:
+                if isinstance(frame, InitFrame):  # the init phase: progress and its error, no files
+                    init_mse.append(sum(frame.losses) / len(frame.losses))
+                    if frame.step == init_steps:
+                        timings["init_seconds"] = time.perf_counter() - started
+                    continue
                 last = frame
                 if single:
                     written.append([out.path / f"step_{frame.step:04d}.png"])
@@ -372,10 +486,15 @@ class Pipeline:
                     yield out.write_png(path.name, image)
         seconds = time.perf_counter() - started
         timings["dip_seconds"] = seconds
-        timings["iterations_per_second"] = settings.iterations / seconds if seconds > 0 else 0.0
+        clip_seconds = seconds - timings.get("init_seconds", 0.0)
+        timings["iterations_per_second"] = settings.iterations / clip_seconds if clip_seconds > 0 else 0.0
         scores = self._scores(last.images, last.metrics, targets.text)
+        similarities = [metric.get("similarities", [metric["similarity"]]) for metric in last.metrics]
+        init = InitPhase(steps=init_steps, mse_first_step=init_mse[0], mse_last_step=init_mse[-1]) if init_mse else None
         if single:
-            pictures = Pictures(FinalScore(**scores[0].model_dump(exclude_unset=True), step=last.step))
+            pictures = Pictures(
+                FinalScore(**scores[0].model_dump(exclude_unset=True), step=last.step), None, similarities, 0, init
+            )
             if request.save_animation:
                 yield out.write_animation("progress", written, request.animation_format)
             return pictures
@@ -392,8 +511,9 @@ class Pipeline:
             final.append(out.write_png(names[j], last.images[j]))
             yield final[-1]
         outputs = [OutputPicture(file=names[j], **scores[j].model_dump(exclude_unset=True)) for j in order]
-        pictures = Pictures(FinalScore(step=last.step, **scores[order[0]].model_dump(exclude_unset=True)), outputs)
-        if not best_of:
+        final_score = FinalScore(step=last.step, **scores[order[0]].model_dump(exclude_unset=True))
+        pictures = Pictures(final_score, outputs, similarities, order[0], init)
+        if request.is_sequence:
             kind = "interpolation" if request.interpolate_to else "edit"
             yield out.write_animation(kind, [[path] for path in final], request.animation_format)
         if request.save_animation:
@@ -413,6 +533,54 @@ class Pipeline:
                 score.similarity_to_negative = metric["similarity_to_negative"]
             scores.append(score)
         return scores
+
+
+def _target_rows(job: Job, targets: Targets) -> list[tuple[TargetScore, torch.Tensor]]:
+    """Every target of the loss, in the order of ``result.json``'s ``targets``, with its embedding
+    ``[d]``: each picture's own (one, or one per row of an embedding or frame of a sequence), the
+    weighted ones, then the negative prompt's when the visualiser pushes away from it."""
+    request, rows = job.request, []
+    own = targets.targets
+    for row, embed in enumerate(own):
+        caption = request.prompt if targets.source == "prompt" else None
+        seed = job.settings.seed if targets.source in ("prompt", "interpolate_to", "edit_prompt") else None
+        if targets.source == "edit_prompt" and targets.prior is None:
+            seed = None  # an edit of a picture: no prior sample
+        which = row if own.shape[0] > 1 else None
+        rows.append((TargetScore(source=targets.source, weight=1.0, caption=caption, row=which, seed=seed), embed))
+    for term in targets.added:
+        score = TargetScore(source=term.source, weight=term.weight, caption=term.caption, row=None, seed=term.seed)
+        rows.append((score, term.embed))
+    if targets.negative is not None and request.negative_weight > 0 and request.mode == "visualize":
+        score = TargetScore(
+            source="negative_prompt",
+            weight=-request.negative_weight,
+            caption=request.negative_prompt,
+            row=None,
+            seed=None,
+        )
+        rows.append((score, targets.negative))
+    return rows
+
+
+def _target_scores(job: Job, targets: Targets, pictures: Pictures | None) -> list[TargetScore]:
+    """``_target_rows``'s targets, each with the final picture's similarity to it (a row's own
+    picture for the rows of an embedding or a sequence; else the best, or only, picture)."""
+    scores = [score for score, _ in _target_rows(job, targets)]
+    if pictures is None:
+        for score in scores:
+            score.similarity = None  # no picture (mode=embed)
+        return scores
+    lead = pictures.similarities[pictures.lead]
+    own = targets.targets.shape[0]
+    for index, score in enumerate(scores):
+        if score.source == "negative_prompt":
+            score.similarity = pictures.final.similarity_to_negative
+        elif index < own:
+            score.similarity = pictures.similarities[index if own > 1 else pictures.lead][0]
+        else:
+            score.similarity = lead[1 + index - own]
+    return scores
 
 
 def _captions(path: Path) -> Captions:
@@ -440,14 +608,22 @@ def _array(embeds: torch.Tensor) -> np.ndarray:
     return embeds.cpu().numpy().astype(np.float32)
 
 
-def _with_progress(frames, iterations: int, desc: str):
-    """The visualiser's frames with a progress bar on stderr. Closing this generator (use
-    ``contextlib.closing``: the end, an error, a cancellation) closes ``frames``, which frees the
-    networks and optimisers at once."""
+def _with_progress(frames, iterations: int, init_steps: int, desc: str):
+    """The visualiser's frames with a progress bar on stderr: one for the init phase (if any), then
+    one for the CLIP-guided steps. Closing this generator (use ``contextlib.closing``: the end, an
+    error, a cancellation) closes ``frames``, which frees the networks and optimisers at once."""
+    bar, phase = None, None
     try:
-        with tqdm(total=iterations, desc=desc, file=sys.stderr) as bar:
-            for frame in frames:
-                bar.update(frame.step - bar.n)
-                yield frame
+        for frame in frames:
+            kind = "init" if isinstance(frame, InitFrame) else "clip"
+            if kind != phase:
+                if bar is not None:
+                    bar.close()
+                total, name = (init_steps, "init (fit init_image)") if kind == "init" else (iterations, desc)
+                bar, phase = tqdm(total=total, desc=name, file=sys.stderr), kind
+            bar.update(frame.step - bar.n)
+            yield frame
     finally:
+        if bar is not None:
+            bar.close()
         frames.close()

@@ -4,11 +4,14 @@ tests/test_hostile_inputs.py and benchmarks/bench_reliability.py run them."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import random
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import requests
 from PIL import Image
 
@@ -149,6 +152,15 @@ def send_hostile(server: CogServer, case: Hostile) -> Verdict:
 SMALL_PNG = image_data_uri(Image.new("RGB", (32, 24), (200, 120, 40)))
 
 
+def _npy_data_uri(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return "data:application/octet-stream;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+SMALL_NPY = _npy_data_uri(np.linspace(-1, 1, 64, dtype=np.float32))  # an embedding of the tiny CLIP's width
+
+
 @dataclass
 class Fuzz:
     cases: int = 0
@@ -164,8 +176,9 @@ def _tame(case, index: int, visualise_every: int, visualise_iterations: int) -> 
       from it unchecked, so an id like ``/etc/x`` creates directories anywhere and one with a NUL
       byte leaves the server busy for good (tests/test_security.py keeps both as known failures).
     - No ``webhook``: nothing may leave the machine.
-    - A generated file (``image``) that is a string becomes a small PNG as a ``data:`` URI: a URL
-      would make the server download it.
+    - A generated file (``image``, ``init_image``; ``embedding``) that is a string becomes a small
+      PNG (a small ``.npy``) as a ``data:`` URI: a URL would make the server download it. An init
+      phase takes at most 2 steps.
     - Fewer prior steps and candidates, and ``mode=embed`` except every ``visualise_every``-th
       (then at most ``visualise_iterations`` steps of 256 px with 4 cutouts, at most 2 pictures
       at once). Invalid values stay.
@@ -184,8 +197,15 @@ def _tame(case, index: int, visualise_every: int, visualise_iterations: int) -> 
         value = inputs.get(name)
         return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
 
-    if isinstance(inputs.get("image"), str):
-        inputs["image"] = SMALL_PNG
+    for name in ("image", "init_image"):
+        if isinstance(inputs.get(name), str):
+            inputs[name] = SMALL_PNG
+    if isinstance(inputs.get("embedding"), str):
+        inputs["embedding"] = SMALL_NPY
+    if valid_int("init_steps", 1, 1000):
+        inputs["init_steps"] = min(inputs["init_steps"], 2)
+    elif "init_image" in inputs and "init_steps" not in inputs:
+        inputs["init_steps"] = 2
     if valid_int("prior_steps", 1, 1000):
         inputs["prior_steps"] = min(inputs["prior_steps"], 8)
     if valid_int("num_samples_per_batch", 1, 10):

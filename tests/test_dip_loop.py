@@ -184,7 +184,7 @@ def test_closing_the_generator_releases_the_network_and_optimiser(target, clip, 
 @pytest.mark.parametrize("failing_step", [1, 2, 3])  # 3: after a frame was emitted (display_freq=2)
 def test_a_failing_loop_releases_its_tensors_too(target, clip, created, monkeypatch, failing_step):
     calls = []
-    distance = dip.loop.spherical_distance
+    distance = dip.loop.weighted_spherical_loss
 
     def fail_at_step(*args, **kwargs):
         calls.append(1)
@@ -192,7 +192,7 @@ def test_a_failing_loop_releases_its_tensors_too(target, clip, created, monkeypa
             raise RuntimeError("boom")
         return distance(*args, **kwargs)
 
-    monkeypatch.setattr(dip.loop, "spherical_distance", fail_at_step)
+    monkeypatch.setattr(dip.loop, "weighted_spherical_loss", fail_at_step)
     frames = visualise(target, clip, SMALL)
     with pytest.raises(RuntimeError, match="boom") as caught:
         list(frames)

@@ -44,3 +44,29 @@ def test_gradient_is_finite_at_equal_and_opposite_embeddings():
         a = torch.randn(16, dtype=torch.float64, requires_grad=True)
         spherical_distance(a, sign * a.detach()).backward()
         assert torch.isfinite(a.grad).all()
+
+
+def test_the_weighted_loss_is_the_weighted_sum_of_each_targets_mean_distance():
+    """Against a hand computation: angles chosen so that every distance is theta**2 / 2 exactly
+    (float64; tolerance 1e-12)."""
+    from dip.loss import weighted_spherical_loss
+
+    cutouts = torch.stack([unit_at_angle(0.0), unit_at_angle(0.4)])[None]  # [1 picture, 2 cutouts, 3]
+    targets = torch.stack([unit_at_angle(0.2), unit_at_angle(1.0), unit_at_angle(-0.5)])[None]  # [1, 3, 3]
+    weights = torch.tensor([1.0, 0.5, -0.25], dtype=torch.float64)
+    by_hand = (
+        1.0 * (0.2**2 / 2 + 0.2**2 / 2) / 2  # cutouts at angles 0.2 and 0.2 from the first target
+        + 0.5 * (1.0**2 / 2 + 0.6**2 / 2) / 2
+        - 0.25 * (0.5**2 / 2 + 0.9**2 / 2) / 2
+    )
+    loss = weighted_spherical_loss(cutouts, targets, weights)
+    assert loss.shape == (1,) and loss.item() == pytest.approx(by_hand, abs=1e-12)
+
+
+def test_one_target_of_weight_1_is_the_plain_mean_distance():
+    from dip.loss import weighted_spherical_loss
+
+    embeds, targets = torch.randn(3, 8, 16), torch.randn(3, 16)
+    plain = spherical_distance(embeds, targets[:, None]).mean(dim=1)
+    weighted = weighted_spherical_loss(embeds, targets[:, None], torch.ones(1))
+    torch.testing.assert_close(weighted, plain, atol=1e-6, rtol=0)
