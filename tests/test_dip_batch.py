@@ -98,7 +98,10 @@ def test_a_negative_pushes_the_picture_away_from_it(clip):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(targets=torch.zeros(2, 64), seeds=[1, 2, 3]), r"targets must have shape \[64\] or \[3, 64\]"),
+        (
+            dict(targets=torch.zeros(2, 64), seeds=[1, 2, 3]),
+            r"targets must have shape \[64\], \[3, 64\] \(one per seed\) or \[3, t, 64\]",
+        ),
         (dict(targets=torch.zeros(5), seeds=[1]), r"targets must have shape \[64\]"),
         (dict(targets=torch.zeros(64), seeds=[]), "seeds must hold at least one seed"),
         (dict(targets=torch.zeros(64), seeds=[1, -5]), r"every seed must be between -1 and 4294967295"),
