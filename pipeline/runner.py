@@ -54,6 +54,8 @@ from .shards import embeddings_table, errors_table
 log = logging.getLogger("didp")
 
 MetricCallback = Callable[[str, float], None]
+# Called with each emitted frame's step and its pictures' metrics (loss, similarity, ...), before its files.
+FrameCallback = Callable[[int, list[dict]], None]
 MAX_CAPTION_ROWS = 10_000  # rows of a request's captions file; didp batch takes any number
 CAPTION_BATCH = 32  # captions per pass of the prior (benchmarks/bench_batch.py measured this size)
 
@@ -98,7 +100,8 @@ class Pipeline:
     below ``output_root``.
 
     ``memory_budget``: megabytes a run may use (``"inf"``: no limit), default 80% of the device's
-    memory. ``on_metric(name, value)`` receives each run's figures (timings, final similarity).
+    memory. ``on_metric(name, value)`` receives each run's figures (timings, final similarity);
+    ``on_frame(step, metrics)`` each emitted frame's step and its pictures' metrics, as it comes.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class Pipeline:
         device: torch.device | str | None = None,
         memory_budget: str | None = None,
         on_metric: MetricCallback | None = None,
+        on_frame: FrameCallback | None = None,
     ):
         self.device = default_device() if device is None else resolve_device(device)
         self.memory = MemoryBudget.for_device(self.device, memory_budget)  # a bad setting fails before loading
@@ -128,6 +132,7 @@ class Pipeline:
         modules = (self.models.clip, self.models.prior.net)
         self.resident_bytes = sum(t.nbytes for m in modules for t in (*m.parameters(), *m.buffers()))
         self.on_metric = on_metric or (lambda name, value: None)
+        self.on_frame = on_frame or (lambda step, metrics: None)
         log.info("memory budget %.1f GB (%s)", self.memory.bytes / 2**30, self.memory.source)
 
     # -- a request ---------------------------------------------------------------------------------
@@ -362,6 +367,7 @@ class Pipeline:
         ) as progress:
             for frame in progress:
                 last = frame
+                self.on_frame(frame.step, frame.metrics)
                 if single:
                     written.append([out.path / f"step_{frame.step:04d}.png"])
                 elif frame.step == settings.iterations:
