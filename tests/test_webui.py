@@ -52,7 +52,7 @@ def test_widgets_carry_the_api_ranges_defaults_and_descriptions():
     assert by_name["mode"].widget == "choice" and by_name["mode"].initial == "visualize"
     assert by_name["lr_decay"].step == pytest.approx(0.001)  # fine enough for its default, 0.995
     assert by_name["guidance_scale"].step == pytest.approx(0.01)
-    assert by_name["interpolation_steps"].widget == "number"  # optional: may be left blank
+    assert by_name["interpolation_steps"].widget == "text"  # optional: blank is not given
     assert by_name["interpolation_steps"].info.endswith("2 to 16. Optional.")
     assert by_name["save_animation"].widget == "checkbox"
     assert by_name["image"].widget == "picture"  # a picture upload
@@ -86,6 +86,7 @@ def test_form_values_become_the_request():
     form = widgets()
     values = {w.name: w.initial for w in form}
     values.update(prompt="a lighthouse", iterations=12.0, seed=7.0, interpolate_to="  ", num_outputs=2)
+    values.update(interpolation_steps=" ")
     inputs = request_values(form, [values[w.name] for w in form])
     assert inputs["iterations"] == 12 and isinstance(inputs["iterations"], int)
     assert inputs["seed"] == 7 and isinstance(inputs["seed"], int)
@@ -102,7 +103,9 @@ def test_form_values_become_the_request():
         ({"prompt": ""}, "prompt: String should have at least 1 character"),
         ({"iterations": 2000}, "iterations: Input should be less than or equal to 1000"),
         ({"num_outputs": 2, "interpolate_to": "a forest"}, "num_outputs=2 cannot be combined with an interpolation"),
-        ({"interpolation_steps": 4}, "interpolation_steps needs interpolate_to or edit_prompt"),
+        ({"interpolation_steps": "4"}, "interpolation_steps needs interpolate_to or edit_prompt"),
+        ({"interpolation_steps": "many"}, "interpolation_steps: Input should be a valid integer"),
+        ({"interpolate_to": "a forest", "interpolation_steps": "40"}, "interpolation_steps: Input should be less"),
         ({"negative_weight": 0.3}, "negative_weight=0.3 needs a negative_prompt"),
         ({"seed": 2.5}, "seed: Input should be a valid integer"),
     ],
@@ -203,6 +206,24 @@ def test_best_of_n_is_shown_ranked(runs):
     for (_, caption), output in zip(finals, outputs, strict=True):
         assert f"seed {output['seed']}" in caption and f"to text {output['similarity_to_text']:.3f}" in caption
     assert watch.frames() == []  # the last step's pictures are the ranked ones
+
+
+def test_a_sequence_shows_its_frames_and_its_animation(runs):
+    request = Request.check(prompt="a lighthouse", **SMALL, interpolate_to="a forest", interpolation_steps=2, seed=3)
+    watch = Watch(seed=3, iterations=1, pictures=2)
+    for event in _events(runs.start(runs.prepare(request))):
+        watch.add(event)
+    assert watch.ended == "done"
+    finals = watch.finals()
+    assert [Path(path).name for path, _ in finals] == ["frame_01.png", "frame_02.png"]
+    outputs = watch.result()["outputs"]
+    for (_, caption), output in zip(finals, outputs, strict=True):
+        assert caption == f"frame {output['file'][6:8].lstrip('0')} · seed 3 · to text " + (
+            f"{output['similarity_to_text']:.3f} · to target {output['similarity_to_target']:.3f}"
+        )
+    assert watch.animation().name == "interpolation.webp"
+    assert "interpolation.webp" in [Path(p).name for p in watch.downloads()]
+    assert "target_embeddings.npy" in [Path(p).name for p in watch.downloads()]
 
 
 def test_cancel_stops_a_long_run_and_keeps_what_it_wrote(runs):

@@ -80,10 +80,12 @@ def widget_for(spec: InputSpec, everyday: bool = False) -> Widget:
     if spec.kind == "path":
         about = f"{spec.name} {spec.description or ''}".lower()
         return Widget(spec, "picture" if "picture" in about or "image" in spec.name else "file", everyday)
+    if spec.kind in ("integer", "float") and spec.default is None:
+        return Widget(spec, "text", everyday)  # blank: not given (a number box cannot be blank)
     if spec.kind in ("integer", "float"):
         step = 1 if spec.kind == "integer" else _float_step(spec)
         bounded = spec.ge is not None and spec.le is not None
-        if bounded and spec.default is not None and spec.le - spec.ge <= SLIDER_SPAN:
+        if bounded and spec.le - spec.ge <= SLIDER_SPAN:
             return Widget(spec, "slider", everyday, step)
         return Widget(spec, "number", everyday, step)
     if spec.kind == "string" and spec.required:
@@ -114,12 +116,22 @@ def request_values(form: list[Widget], values: list[Any]) -> dict[str, Any]:
         spec = widget.spec
         if value is None or (isinstance(value, str) and widget.widget != "caption" and not value.strip()):
             continue  # not given: the model's default applies (or its "required" message)
+        if spec.kind in ("integer", "float") and isinstance(value, str):
+            value = _number_of(value.strip(), spec.kind)
         if spec.kind == "integer" and isinstance(value, float) and math.isfinite(value) and value.is_integer():
             value = int(value)
         elif spec.kind == "path" and isinstance(value, dict):  # an upload as some components hand it over
             value = value.get("path")
         inputs[spec.name] = value
     return inputs
+
+
+def _number_of(text: str, kind: str) -> Any:
+    """The number typed in a text box, or the text itself (the request then refuses it by name)."""
+    try:
+        return int(text) if kind == "integer" and text.lstrip("+-").isdigit() else float(text)
+    except ValueError:
+        return text
 
 
 def check(form: list[Widget], values: list[Any]) -> Request:

@@ -33,7 +33,9 @@ def component(widget: Widget) -> gr.components.Component:
     if widget.widget == "caption":
         return gr.Textbox(value=widget.initial, lines=2, placeholder="a lighthouse on a cliff at night", **common)
     if widget.widget == "text":
-        return gr.Textbox(value=widget.initial, lines=1, **common)
+        numeric = spec.kind in ("integer", "float")
+        hint = "a number, or blank" if numeric else "blank: not given" if spec.optional else None
+        return gr.Textbox(value=widget.initial, lines=1, placeholder=hint, **common)
     if widget.widget == "checkbox":
         return gr.Checkbox(value=bool(widget.initial), **common)
     if widget.widget == "choice":
@@ -43,11 +45,9 @@ def component(widget: Widget) -> gr.components.Component:
         return gr.Dropdown(choices=choices, value=widget.initial, **common)
     if widget.widget == "slider":
         return gr.Slider(minimum=spec.ge, maximum=spec.le, step=widget.step, value=widget.initial, **common)
-    if widget.widget == "number":
+    if widget.widget == "number":  # out of range is refused by the request, in its words, not by Gradio
         precision = 0 if spec.kind == "integer" else None
-        return gr.Number(
-            value=widget.initial, minimum=spec.ge, maximum=spec.le, step=widget.step, precision=precision, **common
-        )
+        return gr.Number(value=widget.initial, step=widget.step, precision=precision, **common)
     # uploads take no description: it stands above them
     gr.Markdown(f"**{widget.label}**: {widget.info}", elem_classes=["didp-upload-info"])
     del common["info"]
@@ -80,8 +80,21 @@ def build(runs: Runs, tiny: bool, weights: str) -> gr.Blocks:
             with gr.Column(scale=3):
                 status = gr.HTML(status_html("Ready.", "ready"), elem_id="didp-status")
                 frames = gr.Gallery(label="Frames, as they come", columns=6, height=260, elem_id="didp-frames")
-                finals = gr.Gallery(label="Final picture(s)", columns=4, height=300, elem_id="didp-final")
-                animation = gr.Image(label="Animation", type="filepath", interactive=False, elem_id="didp-animation")
+                finals = gr.Gallery(
+                    label="Final picture(s), best first",
+                    columns=4,
+                    height=300,
+                    object_fit="contain",
+                    elem_id="didp-final",
+                )
+                animation = gr.Image(
+                    label="Animation (sequences, save_animation)",
+                    type="filepath",
+                    interactive=False,
+                    height=260,
+                    visible=False,  # shown once a run writes an animation
+                    elem_id="didp-animation",
+                )
                 downloads = gr.File(
                     label="Embeddings (.npy), result.json, animations",
                     file_count="multiple",
@@ -103,7 +116,7 @@ def build(runs: Runs, tiny: bool, weights: str) -> gr.Blocks:
                 job = runs.prepare(check(form, [values[c] for c in inputs]))
                 started = runs.start(job, owner=owner)
             except (ValueError, Busy) as error:  # before any work: inputs, combinations, budget, busy
-                yield refusal_html(str(error)), None, None, None, None, None
+                yield refusal_html(str(error)), None, None, gr.update(value=None, visible=False), None, None
                 return
             settings = job.settings
             watch = Watch(
@@ -111,7 +124,7 @@ def build(runs: Runs, tiny: bool, weights: str) -> gr.Blocks:
                 iterations=settings.iterations if job.request.mode == "visualize" else 0,
                 pictures=job.request.members,
             )
-            yield watch.status_html(), [], [], None, None, settings.seed
+            yield watch.status_html(), [], [], gr.update(value=None, visible=False), None, settings.seed
             for event in started.follow():
                 watch.add(event)
                 if event.kind == "file" and event.path.suffix not in (".png", ".json", ".webp", ".gif"):
@@ -124,7 +137,7 @@ def build(runs: Runs, tiny: bool, weights: str) -> gr.Blocks:
                 watch.status_html(),
                 watch.frames(),
                 watch.finals(),
-                str(watch.animation()) if watch.animation() else None,
+                gr.update(value=str(watch.animation()) if watch.animation() else None, visible=bool(watch.animation())),
                 watch.downloads() or None,
                 watch.seed,
             )
@@ -138,7 +151,7 @@ def build(runs: Runs, tiny: bool, weights: str) -> gr.Blocks:
             outputs=outputs,
             concurrency_limit=1,
             concurrency_id="didp-run",
-            show_progress="minimal",
+            show_progress="full",  # the queue position, on the status box only
             show_progress_on=[status],
         )
         cancel_button.click(cancel, inputs=None, outputs=None, queue=False)
