@@ -292,3 +292,10 @@ def test_result_json_of_a_kept_run_is_read(tmp_path):
     watch.add(Event("file", path=tmp_path / "result.json"))
     watch.add(Event("done"))
     assert watch.result() == {"seed": 3} and watch.finals() == [] and watch.progress() == 1.0
+
+
+def test_didp_ui_refuses_a_bad_port_before_loading_anything(capsys):
+    from commands.didp import main
+
+    assert main(["ui", "--port", "70000"]) == 2
+    assert "--port 70000: give a port from 1 to 65535" in capsys.readouterr().err

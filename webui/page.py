@@ -79,12 +79,15 @@ def build(runs: Runs, tiny: bool, weights: str) -> gr.Blocks:
                         inputs.append(component(widget))
             with gr.Column(scale=3):
                 status = gr.HTML(status_html("Ready.", "ready"), elem_id="didp-status")
-                frames = gr.Gallery(label="Frames, as they come", columns=6, height=260, elem_id="didp-frames")
+                frames = gr.Gallery(
+                    label="Frames, as they come", columns=5, height=190, fit_columns=False, elem_id="didp-frames"
+                )
                 finals = gr.Gallery(
                     label="Final picture(s), best first",
-                    columns=4,
-                    height=300,
+                    columns=3,
+                    height=340,
                     object_fit="contain",
+                    fit_columns=False,  # a single picture stays square, not stretched across
                     elem_id="didp-final",
                 )
                 animation = gr.Image(
