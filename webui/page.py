@@ -58,7 +58,8 @@ def component(widget: Widget) -> gr.components.Component:
 
 def build(runs: Runs, tiny: bool, weights: str) -> gr.Blocks:
     form = widgets()
-    with gr.Blocks(title="deep-image-diffusion-prior", analytics_enabled=False) as page:
+    # Gradio keeps a copy of every file it serves: those older than a day go, hourly
+    with gr.Blocks(title="deep-image-diffusion-prior", analytics_enabled=False, delete_cache=(3600, 86400)) as page:
         gr.Markdown(
             "# What CLIP sees\nA caption becomes CLIP's text embedding, the diffusion prior turns it into an "
             "image embedding, and a deep-image-prior network is optimised until CLIP sees that embedding. "
@@ -117,6 +118,7 @@ def build(runs: Runs, tiny: bool, weights: str) -> gr.Blocks:
             owner = getattr(request, "session_hash", None)
             try:
                 job = runs.prepare(check(form, [values[c] for c in inputs]))
+                runs.wait_idle(timeout=60)  # a run whose page went away is being cancelled
                 started = runs.start(job, owner=owner)
             except (ValueError, Busy) as error:  # before any work: inputs, combinations, budget, busy
                 yield refusal_html(str(error)), None, None, gr.update(value=None, visible=False), None, None
@@ -128,12 +130,16 @@ def build(runs: Runs, tiny: bool, weights: str) -> gr.Blocks:
                 pictures=job.request.members,
             )
             yield watch.status_html(), [], [], gr.update(value=None, visible=False), None, settings.seed
-            for event in started.follow():
-                watch.add(event)
-                if event.kind == "file" and event.path.suffix not in (".png", ".json", ".webp", ".gif"):
-                    continue  # an embedding: shown with the downloads at the end
+            try:
+                for event in started.follow():
+                    watch.add(event)
+                    if event.kind == "file" and event.path.suffix not in (".png", ".json", ".webp", ".gif"):
+                        continue  # an embedding: shown with the downloads at the end
+                    yield _shown(watch)
                 yield _shown(watch)
-            yield _shown(watch)
+            finally:  # the page went away (closed, reloaded): its run stops rather than hold the model
+                if started.ended is None:
+                    runs.cancel(owner=owner)
 
         def _shown(watch: Watch):
             return (

@@ -99,6 +99,13 @@ class Runs:
         run = self._current
         return run is not None and run.ended is None
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the run going on, if any, to end; whether none goes on."""
+        run = self._current
+        if run is not None and run.thread is not None:
+            run.thread.join(timeout)
+        return not self.busy
+
     def prepare(self, request: Request) -> Job:
         """Everything checked before any work (``ValueError`` naming the input, or the budget)."""
         return self.pipeline.prepare(request)
