@@ -5,15 +5,18 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The reference prior (oracle for parity tests) is installed without its training dependencies.
 ORACLE := dalle2-pytorch==0.11.5
+# The web page's Gradio declares pillow<13; it is installed without its declared dependencies (the
+# `ui` extra lists what its import needs) so that the runtime keeps pillow 13.0.0.
+GRADIO := gradio==6.31.0
 
-.PHONY: install demo test test-slow lint bench bench-quick serve schema clean
+.PHONY: install demo ui test test-slow lint bench bench-quick serve schema clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test,batch]'
-	$(PY) -m pip install -q --no-deps $(ORACLE)
+	$(PY) -m pip install -q -e '.[test,batch,ui]'
+	$(PY) -m pip install -q --no-deps $(ORACLE) $(GRADIO)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,6 +25,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	DIDP_WEIGHTS=tiny $(VENV)/bin/didp -i prompt="a lighthouse on a cliff at night" -i iterations=10 \
 		-i display_freq=5 -i num_scales=5 -i seed=7 -o outputs/demo
+
+# The web page on http://127.0.0.1:$(UI_PORT)/, offline on the tiny models unless DIDP_WEIGHTS says otherwise.
+UI_PORT ?= 7860
+ui: $(STAMP)
+	DIDP_WEIGHTS=$(DIDP_WEIGHTS) $(VENV)/bin/didp ui --port $(UI_PORT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -2,6 +2,7 @@
 
     didp -i prompt="a lighthouse at night" -i iterations=100 --weights tiny -o outputs/
     didp batch captions.parquet -o embeddings/     # many captions: commands.batch
+    didp ui --weights tiny                          # the local web page: commands.ui
 
 Inputs are checked by the same rules as the Cog server before any model is loaded; files are
 copied to ``-o`` as they are produced and their paths printed; when the first one arrives, an
@@ -124,12 +125,16 @@ class Progress:
 
 def main(argv: list[str] | None = None) -> int:
     """``didp``; Ctrl-C (exit code 130) and SIGTERM (143) end it with one line and no leftovers.
-    ``didp batch ...`` is the batch job (``commands.batch``)."""
+    ``didp batch ...`` is the batch job (``commands.batch``), ``didp ui ...`` the web page (``commands.ui``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["batch"]:
         from commands.batch import main as batch
 
         return batch(argv[1:])
+    if argv[:1] == ["ui"]:
+        from commands.ui import main as ui
+
+        return ui(argv[1:])
     progress = Progress()
     with terminate_as_interrupt():
         try:
@@ -158,7 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="didp",
         description="What CLIP sees for a caption: the diffusion prior and the deep-image-prior visualiser. "
-        "Many captions at once, from a file, on Ray: see didp batch --help.",
+        "Many captions at once, from a file, on Ray: see didp batch --help. A web page: didp ui --help.",
         epilog=inputs_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

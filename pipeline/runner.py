@@ -66,6 +66,8 @@ from .weighted_prompts import caption_seed
 log = logging.getLogger("didp")
 
 MetricCallback = Callable[[str, float], None]
+# Called with each emitted frame's step and its pictures' metrics (loss, similarity, ...), before its files.
+FrameCallback = Callable[[int, list[dict]], None]
 MAX_CAPTION_ROWS = 10_000  # rows of a request's captions file; didp batch takes any number
 CAPTION_BATCH = 32  # captions per pass of the prior (benchmarks/bench_batch.py measured this size)
 
@@ -136,7 +138,8 @@ class Pipeline:
     below ``output_root``.
 
     ``memory_budget``: megabytes a run may use (``"inf"``: no limit), default 80% of the device's
-    memory. ``on_metric(name, value)`` receives each run's figures (timings, final similarity).
+    memory. ``on_metric(name, value)`` receives each run's figures (timings, final similarity);
+    ``on_frame(step, metrics)`` each emitted frame's step and its pictures' metrics, as it comes.
     """
 
     def __init__(
@@ -147,6 +150,7 @@ class Pipeline:
         device: torch.device | str | None = None,
         memory_budget: str | None = None,
         on_metric: MetricCallback | None = None,
+        on_frame: FrameCallback | None = None,
     ):
         self.device = default_device() if device is None else resolve_device(device)
         self.memory = MemoryBudget.for_device(self.device, memory_budget)  # a bad setting fails before loading
@@ -166,6 +170,7 @@ class Pipeline:
         modules = (self.models.clip, self.models.prior.net)
         self.resident_bytes = sum(t.nbytes for m in modules for t in (*m.parameters(), *m.buffers()))
         self.on_metric = on_metric or (lambda name, value: None)
+        self.on_frame = on_frame or (lambda step, metrics: None)
         log.info("memory budget %.1f GB (%s)", self.memory.bytes / 2**30, self.memory.source)
 
     # -- a request ---------------------------------------------------------------------------------
@@ -476,6 +481,7 @@ class Pipeline:
                         timings["init_seconds"] = time.perf_counter() - started
                     continue
                 last = frame
+                self.on_frame(frame.step, frame.metrics)
                 if single:
                     written.append([out.path / f"step_{frame.step:04d}.png"])
                 elif frame.step == settings.iterations:
