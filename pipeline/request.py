@@ -60,8 +60,10 @@ class Request(BaseModel):
             json_schema_extra={"pattern": NOT_BLANK},
         ),
     ]
-    mode: Literal["visualize", "embed"] = Field(
-        "visualize", description="visualize: embeddings and images; embed: only the embeddings (fast)."
+    mode: Literal["visualize", "embed", "search"] = Field(
+        "visualize",
+        description="visualize: embeddings and images; embed: only the embeddings (fast); "
+        "search: the images of the server's index (DIDP_INDEX) nearest the query.",
     )
     offset_type: Literal["none", "1x1", "full"] = Field(
         _DIP_DEFAULTS["offset_type"],
@@ -137,6 +139,21 @@ class Request(BaseModel):
     )
     save_animation: bool = Field(False, description="Also write an animation of every emitted frame.")
     animation_format: Literal["webp", "gif"] = Field("webp", description="Format of the animations.")
+    k: int = Field(
+        20, ge=1, le=100, description="mode=search: how many of the index's nearest images to return, best first."
+    )
+    text_weight: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="mode=search: the query mixes the prior's image embedding with the caption's text embedding "
+        "by this weight (0: the prior's alone, 1: the text embedding alone).",
+    )
+    embedding: Path | None = Field(
+        None,
+        description="A CLIP image embedding (.npy, one float vector as wide as CLIP's, e.g. image_embedding.npy "
+        "of an earlier run) to search with (mode=search) instead of the caption's.",
+    )
     captions: Path | None = Field(
         None,
         description="Many captions to embed in one request (mode=embed): text with one caption a line, or CSV, "
@@ -203,13 +220,36 @@ class Request(BaseModel):
                 "edit_prompt": self.edit_prompt,
             }
             problems += [f"captions cannot be combined with {name}" for name, on in alone.items() if on]
-        if self.mode == "embed":
+        problems += self._search_problems()
+        if self.mode in ("embed", "search"):
             pictures_only = {
                 "num_outputs": self.num_outputs > 1,
                 "save_animation": self.save_animation,
                 "negative_weight": self.negative_weight > 0,
             }
             problems += [f"{name} makes pictures: it needs mode=visualize" for name, on in pictures_only.items() if on]
+        return problems
+
+    def _search_problems(self) -> list[str]:
+        if self.mode != "search":
+            searching = {
+                "k": self.k != _default("k"),
+                "text_weight": self.text_weight != _default("text_weight"),
+                "embedding": self.embedding is not None,
+            }
+            return [f"{name} is a search input: it needs mode=search" for name, on in searching.items() if on]
+        problems = [
+            f"mode=search cannot be combined with {name}"
+            for name, on in {
+                "interpolate_to": self.interpolate_to,
+                "edit_prompt": self.edit_prompt,
+            }.items()
+            if on
+        ]
+        if self.image is not None and self.embedding is not None:
+            problems.append("image and embedding are two queries: give one of them")
+        if self.text_weight != _default("text_weight") and (self.image is not None or self.embedding is not None):
+            problems.append("text_weight mixes the caption's embeddings: it cannot be combined with image or embedding")
         return problems
 
     @property
@@ -238,7 +278,7 @@ class Request(BaseModel):
     def echo(self) -> dict[str, Any]:
         """The inputs as ``result.json`` records them: a file input as ``"(a file)"``, never its path."""
         inputs = self.model_dump(mode="json")
-        for name in ("image", "captions"):
+        for name in ("image", "embedding", "captions"):
             inputs[name] = None if getattr(self, name) is None else "(a file)"
         return inputs
 

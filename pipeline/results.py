@@ -3,7 +3,8 @@
 A field that is left unset is left out of the file (``exclude_unset``): ``image`` only for a
 picture input, ``truncated_inputs`` only when a caption was cut at CLIP's 77 tokens,
 ``prior_interpolate_to`` only for an interpolation, ``final`` only with pictures, ``outputs``
-only for pictures optimised together, ``captions`` only for a ``captions`` file. A NaN or an
+only for pictures optimised together, ``captions`` only for a ``captions`` file,
+``search`` only for ``mode=search``, ``nearest`` only for a visualisation with an index. A NaN or an
 infinity (a diverged run's loss) is written as ``null``, so the file is always standard JSON.
 """
 
@@ -66,6 +67,30 @@ class CaptionCounts(_Model):
     truncated: int
 
 
+class SearchMatch(_Model):
+    """One of the index's images: its rank (1 the best), its id as given to didp index, and its
+    cosine similarity to the query."""
+
+    rank: int
+    id: str
+    score: float
+
+
+class SearchResult(_Model):
+    """``mode=search`` (and, with an index, a visualisation's ``nearest``): the query's kind
+    (prior, text, mix, image, embedding, picture), the index searched and the matches, best first."""
+
+    query: str
+    text_weight: float | None = None
+    k: int
+    index_items: int
+    index_kind: str  # exact or ivf
+    nprobe: int | None = None
+    index_recall_at_10: float | None = None  # measured against exact search when the index was built
+    matches: list[SearchMatch]
+    query_embedding: list[float] | None = None
+
+
 class Result(_Model):
     inputs: dict[str, Any]
     seed: int
@@ -79,6 +104,8 @@ class Result(_Model):
     final: FinalScore | None = None
     outputs: list[OutputPicture] | None = None
     captions: CaptionCounts | None = None
+    search: SearchResult | None = None
+    nearest: SearchResult | None = None
     timings: dict[str, float] = {}
     versions: dict[str, str] = {}
 

@@ -47,14 +47,25 @@ from .embeddings import PriorSettings, embed_captions, row_seed
 from .media import load_image
 from .memory import MemoryBudget, is_out_of_memory, out_of_memory_error
 from .request import Request
-from .results import CaptionCounts, FinalScore, OutputPicture, PictureSize, PriorChoice, Result, Score
+from .results import (
+    CaptionCounts,
+    FinalScore,
+    OutputPicture,
+    PictureSize,
+    PriorChoice,
+    Result,
+    Score,
+    SearchResult,
+)
 from .rundir import RunDirectory, remove_abandoned
+from .search import SearchSetup, mix, search, sheet
 from .shards import embeddings_table, errors_table
 
 log = logging.getLogger("didp")
 
 MetricCallback = Callable[[str, float], None]
 MAX_CAPTION_ROWS = 10_000  # rows of a request's captions file; didp batch takes any number
+NEAREST = 5  # a visualisation with an index: the images nearest its final picture
 CAPTION_BATCH = 32  # captions per pass of the prior (benchmarks/bench_batch.py measured this size)
 
 
@@ -67,6 +78,7 @@ class Job:
     settings: DipSettings
     picture: Image.Image | None = None
     captions: Captions | None = None
+    embedding: np.ndarray | None = None  # mode=search: the embedding input, l2-normalised
 
 
 @dataclass
@@ -90,6 +102,7 @@ class Pictures:
 
     final: FinalScore
     outputs: list[OutputPicture] | None = None
+    best: torch.Tensor | None = None  # [3, H, W] the final (or best) picture
 
 
 class Pipeline:
@@ -99,6 +112,7 @@ class Pipeline:
 
     ``memory_budget``: megabytes a run may use (``"inf"``: no limit), default 80% of the device's
     memory. ``on_metric(name, value)`` receives each run's figures (timings, final similarity).
+    ``index``: a directory built by ``didp index``, searched by ``mode=search`` (``pipeline.search``).
     """
 
     def __init__(
@@ -109,6 +123,7 @@ class Pipeline:
         device: torch.device | str | None = None,
         memory_budget: str | None = None,
         on_metric: MetricCallback | None = None,
+        index: Path | None = None,
     ):
         self.device = default_device() if device is None else resolve_device(device)
         self.memory = MemoryBudget.for_device(self.device, memory_budget)  # a bad setting fails before loading
@@ -128,6 +143,7 @@ class Pipeline:
         modules = (self.models.clip, self.models.prior.net)
         self.resident_bytes = sum(t.nbytes for m in modules for t in (*m.parameters(), *m.buffers()))
         self.on_metric = on_metric or (lambda name, value: None)
+        self.search = SearchSetup(index, self.models)
         log.info("memory budget %.1f GB (%s)", self.memory.bytes / 2**30, self.memory.source)
 
     # -- a request ---------------------------------------------------------------------------------
@@ -138,6 +154,11 @@ class Pipeline:
         picture = load_image(request.image) if request.image is not None else None
         captions = _captions(request.captions) if request.captions is not None else None
         settings = request.dip_settings(resolve_seed(request.seed))
+        embedding = None
+        if request.mode == "search":
+            self.search.require()  # no index: refused at once, saying how to configure one
+            if request.embedding is not None:
+                embedding = self.search.load_embedding(request.embedding)
         if request.mode == "visualize":
             self.memory.check(
                 lambda size, cutouts, scales: self.peak_bytes(size, cutouts, scales, request.members),
@@ -146,7 +167,7 @@ class Pipeline:
                 settings.num_scales,
                 request.members,
             )
-        return Job(request, settings, picture, captions)
+        return Job(request, settings, picture, captions, embedding)
 
     def peak_bytes(self, size: int, num_cutouts: int, num_scales: int, members: int = 1) -> int:
         """A visualisation's estimated peak memory on this pipeline's device, weights included."""
@@ -201,6 +222,9 @@ class Pipeline:
             )
             yield out.write_text("result.json", result.to_json())
             return
+        if job.request.mode == "search":
+            yield from self._search(job, out, timings)
+            return
         started = time.perf_counter()
         targets = self.targets(job)
         timings["prior_seconds"] = time.perf_counter() - started
@@ -209,13 +233,75 @@ class Pipeline:
         yield out.write_npy("image_embedding.npy", _array(targets.base))
         if job.request.interpolate_to or job.request.edit_prompt:
             yield out.write_npy("target_embeddings.npy", _array(targets.targets))
-        pictures = None
+        pictures, nearest = None, None
         if job.request.mode == "visualize":
             pictures = yield from self._visualise(job, targets, out, timings)
             self.on_metric("final_similarity", pictures.final.similarity_to_target)
+            nearest = self._nearest(pictures)
         for name, value in timings.items():
             self.on_metric(name, value)
-        yield out.write_text("result.json", self._result(job, targets, pictures, timings).to_json())
+        result = self._result(job, targets, pictures, timings)
+        if job.request.mode == "visualize" and nearest is not None:
+            result.nearest = nearest
+        yield out.write_text("result.json", result.to_json())
+
+    def _nearest(self, pictures: Pictures) -> SearchResult | None:
+        """With an index: its images nearest the final (or best) picture's CLIP embedding."""
+        index = self.search.index
+        if index is None or pictures.best is None:
+            return None
+        with torch.no_grad():
+            embed = self.models.clip.embed_image(pictures.best.unsqueeze(0).to(self.device))
+        found, _ = search(index, _array(embed)[0], NEAREST, "picture", None, with_embedding=False)
+        return found
+
+    def _search(self, job: Job, out: RunDirectory, timings: dict) -> Iterator[Path]:
+        """``mode=search``: the query embedding (the ``embedding`` file, the ``image``'s, or the
+        caption's prior and text embeddings mixed by ``text_weight``), the index's ``k`` nearest
+        images, their contact sheet and ``result.json``."""
+        request, index = job.request, self.search.require()
+        started = time.perf_counter()
+        prior, truncated, weight = None, [], None
+        if job.embedding is not None:
+            kind, query = "embedding", job.embedding
+        elif job.picture is not None:
+            with torch.no_grad():
+                embed = self.models.clip.embed_image(clip_image_tensor(job.picture, self.models.clip).to(self.device))
+            kind, query = "image", _array(embed)[0]
+        else:
+            weight = request.text_weight
+            kind = {0.0: "prior", 1.0: "text"}.get(weight, "mix")
+            _, text = self._encode(request.prompt, "prompt", truncated)
+            image = None
+            if weight < 1:
+                negative = None
+                if request.negative_prompt:
+                    _, negative = self._encode(request.negative_prompt, "negative_prompt", truncated)
+                image, prior = self._sample_prior(text, negative, job, "prompt")
+                image = _array(image)[0]
+            query = mix(image, _array(text.embed)[0], weight)
+        timings["query_seconds"] = time.perf_counter() - started
+        started = time.perf_counter()
+        found, matches = search(index, query, request.k, kind, weight)
+        timings["search_seconds"] = time.perf_counter() - started
+        yield out.write_npy("query_embedding.npy", query.astype(np.float32))
+        yield out.write_png("contact_sheet.png", sheet(index, matches))
+        for name, value in timings.items():
+            self.on_metric(name, value)
+        result = Result(
+            inputs=request.echo(),
+            seed=job.settings.seed,
+            device=str(self.device),
+            weights=self.models.identity.to_dict(),
+            prior=prior,
+            prompt_truncated="prompt" in truncated,
+            search=found,
+            timings=timings,
+            versions=_versions(),
+        )
+        if truncated:
+            result.truncated_inputs = truncated
+        yield out.write_text("result.json", result.to_json())
 
     def _result(self, job: Job, targets: Targets, pictures: Pictures | None, timings: dict) -> Result:
         optional = {  # left out of result.json where None
@@ -375,7 +461,9 @@ class Pipeline:
         timings["iterations_per_second"] = settings.iterations / seconds if seconds > 0 else 0.0
         scores = self._scores(last.images, last.metrics, targets.text)
         if single:
-            pictures = Pictures(FinalScore(**scores[0].model_dump(exclude_unset=True), step=last.step))
+            pictures = Pictures(
+                FinalScore(**scores[0].model_dump(exclude_unset=True), step=last.step), best=last.images[0]
+            )
             if request.save_animation:
                 yield out.write_animation("progress", written, request.animation_format)
             return pictures
@@ -392,7 +480,11 @@ class Pipeline:
             final.append(out.write_png(names[j], last.images[j]))
             yield final[-1]
         outputs = [OutputPicture(file=names[j], **scores[j].model_dump(exclude_unset=True)) for j in order]
-        pictures = Pictures(FinalScore(step=last.step, **scores[order[0]].model_dump(exclude_unset=True)), outputs)
+        pictures = Pictures(
+            FinalScore(step=last.step, **scores[order[0]].model_dump(exclude_unset=True)),
+            outputs,
+            last.images[order[0]],
+        )
         if not best_of:
             kind = "interpolation" if request.interpolate_to else "edit"
             yield out.write_animation(kind, [[path] for path in final], request.animation_format)
