@@ -35,19 +35,15 @@ from pipeline.shards import input_sha256, remove_temporaries, shard_count, write
 from retrieval.identity import ClipIdentity
 from retrieval.sources import SourcesError, list_sources
 from retrieval.store import (
-    ERRORS,
     IndexCounts,
     IndexManifest,
     IndexSettings,
-    build_index,
-    gather,
+    finish_index,
     import_faiss,
     read_manifest,
     shard_counts,
     shard_path,
     shard_schema,
-    write_index,
-    write_items,
     write_manifest,
     written_shards,
 )
@@ -161,30 +157,14 @@ class ImageEmbedder:
             raise RuntimeError(
                 f"CLIP {weights!r} on this worker has sha256 {found.sha256[:12]}, the job's {sha256[:12]}"
             )
-        self.schema = shard_schema(dim).append(pa.field("shard", pa.int64()))
+        self.schema = shard_schema(dim)
+        self.shard = pa.field("shard", pa.int64())  # the rows' shard, carried through for the driver
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from retrieval.images import ItemError, embed_pictures, read_item, thumbnail
+        from retrieval.images import items_table
 
-        sources = batch["source"].to_pylist()
-        pictures, thumbnails, errors = [], [], []
-        for source in sources:
-            try:
-                picture = read_item(source)
-            except ItemError as error:
-                errors.append(str(error))
-                thumbnails.append(None)
-                continue
-            pictures.append(picture)
-            thumbnails.append(thumbnail(picture))
-            errors.append(None)
-        vectors = iter(embed_pictures(self.models.clip, pictures))
-        embeddings = [None if error else next(vectors).tolist() for error in errors]
-        return pa.Table.from_arrays(
-            [batch["id"], batch["source"], pa.array(embeddings, self.schema.field("embedding").type),
-             pa.array(thumbnails, pa.binary()), pa.array(errors, pa.string()), batch["shard"]],
-            schema=self.schema,
-        )  # fmt: skip
+        rows = items_table(self.models.clip, batch["id"], batch["source"].to_pylist(), self.schema)
+        return rows.append_column(self.shard, batch["shard"])
 
 
 def _identify(weights: str) -> ClipIdentity:
@@ -354,21 +334,14 @@ def _run(job: Job, address: str | None, args, state) -> int:
 
 
 def _finish(job: Job, clip: ClipIdentity, counts: IndexCounts, todo: int, seconds: float) -> int:
-    """Build the index from the shards; write it, the items, the errors, then the manifest."""
-    output = job.output
-    items, vectors, thumbnails, errors = gather(output, job.shards)
-    write_parquet(output / ERRORS, errors)
-    print(output / ERRORS)
-    if not items.num_rows:
-        print(f"error: none of the {counts.items} images could be indexed (see {output / ERRORS})", file=sys.stderr)
+    """Build the index from the shards and write it with the items, the errors and the manifest."""
+    try:
+        info, paths = finish_index(job.output, job.shards, job.settings.index, job.manifest(clip, counts))
+    except ValueError as error:  # no image could be indexed
+        print(f"error: {error}", file=sys.stderr)
         return 1
-    index, info = build_index(vectors, job.settings.index)
-    with uninterrupted():
-        print(write_index(output, index))
-        for path in write_items(output, items, thumbnails):
-            print(path)
-        write_manifest(output, job.manifest(clip, counts, index=info, complete=True))
-    print(output / "manifest.json")
+    for path in paths:
+        print(path)
     recall = f", nprobe {info.nprobe}, recall@10 {info.recall_at_10:.3f}" if info.kind == "ivf" else ""
     print(
         f"done: {counts.indexed} images indexed ({info.kind}{recall}), {counts.errors} set aside (errors.parquet); "

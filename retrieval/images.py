@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 
@@ -78,3 +79,30 @@ def embed_pictures(clip, pictures: list[Image.Image]) -> np.ndarray:
         return np.zeros((0, clip.embed_dim), np.float32)
     batch = torch.cat([clip_image_tensor(picture, clip) for picture in pictures])
     return clip.embed_image(batch).float().cpu().numpy()
+
+
+def items_table(clip, ids: pa.Array, sources: list[str], schema: pa.Schema) -> pa.Table:
+    """Rows of ``schema`` (``retrieval.store.shard_schema``) for these items: each one read,
+    checked and thumbnailed, then all the good ones embedded in one batch; an item that fails gets
+    its ``error`` and no embedding."""
+    pictures, thumbnails, errors = [], [], []
+    for source in sources:
+        try:
+            picture = read_item(source)
+        except ItemError as error:
+            errors.append(str(error))
+            thumbnails.append(None)
+            continue
+        pictures.append(picture)
+        thumbnails.append(thumbnail(picture))
+        errors.append(None)
+    vectors = embed_pictures(clip, pictures)
+    dim = schema.field("embedding").type.list_size
+    packed = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
+    good = iter(range(len(pictures)))
+    column = packed.take(pa.array([None if error else next(good) for error in errors], pa.int64()))  # null: set aside
+    return pa.Table.from_arrays(
+        [pa.array(ids, pa.string()), pa.array(sources, pa.string()), column, pa.array(thumbnails, pa.binary()),
+         pa.array(errors, pa.string())],
+        schema=schema,
+    )  # fmt: skip

@@ -291,3 +291,17 @@ def mmap_flags(kind: str) -> int:
     """FAISS's read flags that map ``kind``'s index file instead of reading it."""
     faiss = import_faiss()
     return faiss.IO_FLAG_MMAP_IFC if kind == "exact" else faiss.IO_FLAG_MMAP
+
+
+def finish_index(directory: Path, shards: int, kind: str, manifest: IndexManifest) -> tuple[IndexInfo, list[Path]]:
+    """Build the index of the written shards' items and write ``errors.parquet``, ``index.faiss``,
+    the items and thumbnails, then ``manifest`` marked complete (each file whole); the index's
+    ``IndexInfo`` and the paths written. A ``ValueError`` if no item could be indexed."""
+    items, vectors, thumbnails, errors = gather(directory, shards)
+    write_parquet(directory / ERRORS, errors)
+    if not items.num_rows:
+        raise ValueError(f"none of the {errors.num_rows} images could be indexed (see {directory / ERRORS})")
+    index, info = build_index(vectors, kind)
+    paths = [directory / ERRORS, write_index(directory, index), *write_items(directory, items, thumbnails)]
+    write_manifest(directory, manifest.model_copy(update={"index": info, "complete": True}))
+    return info, [*paths, directory / MANIFEST]

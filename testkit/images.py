@@ -84,3 +84,30 @@ def image_folder(root: Path, names: list[str], hostile: bool = True) -> dict[str
     (root / "notes.txt").write_text("not listed: not an image's suffix\n")
     (root / ".hidden.png").write_bytes(_encoded(pattern("red"), "PNG"))
     return written
+
+
+def index_here(src: Path, output: Path, models, kind: str = "auto") -> Path:
+    """The index ``didp index SRC -o OUTPUT`` builds, built in this process without Ray (one shard):
+    for tests and benchmarks that need an index but not the job."""
+    from pipeline.shards import input_sha256, write_parquet
+    from retrieval.identity import clip_identity
+    from retrieval.images import items_table
+    from retrieval.sources import list_sources
+    from retrieval.store import IndexCounts, IndexManifest, IndexSettings, finish_index, shard_path, shard_schema
+
+    clip = clip_identity(models)
+    rows = list_sources(src)
+    table = items_table(models.clip, rows["id"], rows["source"].to_pylist(), shard_schema(clip.dim))
+    write_parquet(shard_path(output, 0), table)
+    errors = table.num_rows - table["error"].null_count
+    manifest = IndexManifest(
+        clip=clip,
+        input_sha256=input_sha256(rows["id"], rows["source"]),
+        settings=IndexSettings(shard_size=max(1, rows.num_rows), column=None, id_column=None, index=kind),
+        versions={},
+        counts=IndexCounts(
+            items=rows.num_rows, indexed=rows.num_rows - errors, errors=errors, shards=1, shards_written=1
+        ),
+    )
+    finish_index(output, 1, kind, manifest)
+    return output
