@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return index(argv[1:])
     if argv[:1] == ["search"]:
+        if argv[1:2] in (["-h"], ["--help"]):
+            print(SEARCH_HELP)
+            return 0
         argv = search_arguments(argv[1:])
         if argv is None:
             return 2
@@ -145,19 +148,18 @@ def main(argv: list[str] | None = None) -> int:
             return 143 if isinstance(interrupt, Terminated) else 130
 
 
+SEARCH_HELP = """usage: didp search INDEX_DIR -i prompt=... [-i k=20] [--weights W] [-o OUT]
+
+The images of INDEX_DIR (built by didp index) nearest the query: the prior's image embedding of
+the prompt (default), mixed with its text embedding (-i text_weight=...), an -i image=@picture or
+an -i embedding=@file.npy. Writes OUT/query_embedding.npy, OUT/contact_sheet.png and
+OUT/result.json and prints the matches (rank, score, id). Every input: didp --help."""
+
+
 def search_arguments(argv: list[str]) -> list[str] | None:
     """``didp search INDEX_DIR ARGS`` as ``didp --index INDEX_DIR -i mode=search ARGS`` (``None``,
     with the message printed, when that cannot be)."""
     if not argv or argv[0].startswith("-"):
-        if argv[:1] in (["-h"], ["--help"]):
-            print("usage: didp search INDEX_DIR -i prompt=... [-i k=20] [--weights W] [-o OUT]\n")
-            print("The images of INDEX_DIR (built by didp index) nearest the query: the prior's image embedding of")
-            print("the prompt (default), mixed with its text embedding (-i text_weight=...), an -i image=@picture or")
-            print(
-                "an -i embedding=@file.npy. Writes OUT/result.json, OUT/contact_sheet.png and OUT/query_embedding.npy"
-            )
-            print("and prints the matches. Every input: didp --help.")
-            return None
         print("error: didp search INDEX_DIR -i prompt=...: give the index directory first", file=sys.stderr)
         return None
     modes = [a for a in argv if a.startswith("mode=")]

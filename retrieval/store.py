@@ -216,8 +216,11 @@ def build_index(vectors: np.ndarray, kind: str = "auto", seed: int = 0, recall_t
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = seed
     index.cp.niter = 10
-    index.train(sample)
-    index.add(vectors)
+    gpu = on_gpus(faiss, index)
+    (gpu or index).train(sample)
+    (gpu or index).add(vectors)
+    if gpu is not None:
+        index = faiss.index_gpu_to_cpu(gpu)  # stored and memory-mapped as a CPU index
     seconds = time.perf_counter() - started
     nprobe, recall = tune_nprobe(index, vectors, recall_target, rng)
     info = IndexInfo(
@@ -229,6 +232,14 @@ def build_index(vectors: np.ndarray, kind: str = "auto", seed: int = 0, recall_t
         build_seconds=seconds,
     )
     return index, info
+
+
+def on_gpus(faiss, index):
+    """``index`` copied to every GPU when FAISS is built with GPU support (``faiss-gpu``) and sees
+    one, else ``None``. (No GPU was available here: this path is untested.)"""
+    if getattr(faiss, "get_num_gpus", lambda: 0)() > 0 and hasattr(faiss, "index_cpu_to_all_gpus"):
+        return faiss.index_cpu_to_all_gpus(index)
+    return None
 
 
 def held_out_queries(vectors: np.ndarray, count: int, rng: np.random.Generator, noise: float = 0.5) -> np.ndarray:
