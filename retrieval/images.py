@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def _download(url: str) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:  # noqa: S310 - http(s) only
             data = response.read(MAX_DOWNLOAD_BYTES + 1)
+    except urllib.error.HTTPError as error:
+        raise ItemError(f"the URL cannot be fetched (HTTP {error.code} {error.reason})") from None
     except OSError as error:
         raise ItemError(f"the URL cannot be fetched ({getattr(error, 'reason', None) or error})") from None
     if len(data) > MAX_DOWNLOAD_BYTES:

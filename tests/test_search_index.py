@@ -258,3 +258,32 @@ def test_a_search_request_at_the_defaults_passes_and_echoes_no_paths():
     request = Request.check(prompt="a red bicycle", mode="search", embedding=Path("/secret/q.npy"))
     assert request.k == 20 and request.text_weight == 0.0
     assert request.echo()["embedding"] == "(a file)"
+
+
+def test_urls_are_fetched_and_a_missing_one_is_set_aside(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    from prior.weights import load_models
+    from retrieval.images import items_table
+    from retrieval.store import shard_schema
+
+    written = image_folder(tmp_path / "site", ["red", "blue"], hostile=False)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "site"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        sources = [f"{base}/red.png", f"{base}/missing.png", str(written["blue.jpg"])]
+        clip = load_models("tiny", "cpu").clip
+        table = items_table(clip, pa.array(["a", "b", "c"]), sources, shard_schema(64))
+    finally:
+        server.shutdown()
+    assert table["error"].to_pylist()[0] is None and table["error"].to_pylist()[2] is None
+    assert table["error"][1].as_py().startswith("the URL cannot be fetched (HTTP 404")
+    assert table["embedding"].null_count == 1 and table["thumbnail"][1].as_py() is None
+    local = items_table(clip, pa.array(["a"]), [str(written["red.png"])], shard_schema(64))
+    np.testing.assert_allclose(
+        table["embedding"][0].values.to_numpy(), local["embedding"][0].values.to_numpy(), atol=1e-6
+    )

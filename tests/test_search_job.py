@@ -174,6 +174,10 @@ def test_caption_queries_use_the_prior_the_text_or_a_mix(pipeline):
     np.testing.assert_allclose(m, (p + t) / np.linalg.norm(p + t), atol=1e-5)
     again, _ = run(pipeline, **SEARCH)
     assert again["search"]["matches"] == prior["search"]["matches"]  # the seed fixes the prior's embedding
+    embed = Request.check(prompt="a red disc", mode="embed", **SEARCH)
+    files = list(pipeline.run(pipeline.prepare(embed), pipeline.new_run_directory()))
+    image = np.load(next(f for f in files if f.name == "image_embedding.npy"))[0]
+    np.testing.assert_allclose(p, image, atol=1e-6)  # the query is mode=embed's image embedding
 
 
 def test_search_refusals_name_the_problem_before_any_work(models, built, tmp_path):
