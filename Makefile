@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The reference prior (oracle for parity tests) is installed without its training dependencies.
 ORACLE := dalle2-pytorch==0.11.5
 
-.PHONY: install demo test test-slow lint bench bench-quick serve schema clean
+.PHONY: install demo demo-search test test-slow lint bench bench-quick serve schema clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	DIDP_WEIGHTS=tiny $(VENV)/bin/didp -i prompt="a lighthouse on a cliff at night" -i iterations=10 \
 		-i display_freq=5 -i num_scales=5 -i seed=7 -o outputs/demo
+
+# Image search offline on the tiny models: a generated folder of colours and patterns (with hostile
+# files among them) indexed on a local Ray, then searched with one of its pictures (a pipeline
+# check: with the tiny random CLIP the rankings mean nothing beyond the picture finding itself).
+demo-search: $(STAMP)
+	rm -rf outputs/search-demo
+	$(PY) -m testkit.images outputs/search-demo/images
+	DIDP_WEIGHTS=tiny $(VENV)/bin/didp index outputs/search-demo/images -o outputs/search-demo/index
+	DIDP_WEIGHTS=tiny $(VENV)/bin/didp search outputs/search-demo/index -i prompt="a red disc" \
+		-i image=@outputs/search-demo/images/sub/red-disc.png -i k=10 -o outputs/search-demo/found
 
 test: $(STAMP)
 	$(PY) -m pytest -q

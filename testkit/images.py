@@ -111,3 +111,13 @@ def index_here(src: Path, output: Path, models, kind: str = "auto") -> Path:
     )
     finish_index(output, 1, kind, manifest)
     return output
+
+
+DEMO_NAMES = [f"{colour}{kind}" for colour in COLOURS for kind in ("", "-stripes", "-disc", "-checks")]
+
+if __name__ == "__main__":  # python -m testkit.images DIR: the demo folder of make demo-search
+    import sys
+
+    folder = Path(sys.argv[1])
+    image_folder(folder, DEMO_NAMES)
+    print(f"{folder}: {len(DEMO_NAMES)} pictures and {len(HOSTILE)} hostile files")
