@@ -9,13 +9,13 @@ ORACLE := dalle2-pytorch==0.11.5
 # `ui` extra lists what its import needs) so that the runtime keeps pillow 13.0.0.
 GRADIO := gradio==6.31.0
 
-.PHONY: install demo ui test test-slow lint bench bench-quick serve schema clean
+.PHONY: install demo demo-search ui test test-slow lint bench bench-quick serve schema clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test,batch,ui]'
+	$(PY) -m pip install -q -e '.[test,batch,search,ui]'
 	$(PY) -m pip install -q --no-deps $(ORACLE) $(GRADIO)
 	touch $(STAMP)
 
@@ -30,6 +30,15 @@ demo: $(STAMP)
 UI_PORT ?= 7860
 ui: $(STAMP)
 	DIDP_WEIGHTS=$(DIDP_WEIGHTS) $(VENV)/bin/didp ui --port $(UI_PORT)
+# Image search offline on the tiny models: a generated folder of colours and patterns (with hostile
+# files among them) indexed on a local Ray, then searched with one of its pictures (a pipeline
+# check: with the tiny random CLIP the rankings mean nothing beyond the picture finding itself).
+demo-search: $(STAMP)
+	rm -rf outputs/search-demo
+	$(PY) -m testkit.images outputs/search-demo/images
+	DIDP_WEIGHTS=tiny $(VENV)/bin/didp index outputs/search-demo/images -o outputs/search-demo/index
+	DIDP_WEIGHTS=tiny $(VENV)/bin/didp search outputs/search-demo/index -i prompt="a red disc" \
+		-i image=@outputs/search-demo/images/sub/red-disc.png -i k=10 -o outputs/search-demo/found
 
 test: $(STAMP)
 	$(PY) -m pytest -q

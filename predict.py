@@ -5,7 +5,8 @@ them, hands Cog's files and cancellations over, and reads the environment:
 
 - ``DIDP_WEIGHTS``: ``laion`` (default), ``tiny`` (the offline pipeline check) or a directory;
 - ``DIDP_OUTPUT_DIR``: where runs write (default ``$TMPDIR/didp-outputs``);
-- ``DIDP_MEMORY_BUDGET_MB``: what a run may use (default 80% of the GPU's or the machine's memory).
+- ``DIDP_MEMORY_BUDGET_MB``: what a run may use (default 80% of the GPU's or the machine's memory);
+- ``DIDP_INDEX``: an index directory built by ``didp index``, searched by ``mode=search``.
 
 The inputs' types, ranges, defaults and descriptions are declared once, in
 ``pipeline.request.Request``; Cog reads them from ``run``'s signature, so they stand here too, and
@@ -64,6 +65,7 @@ class Predictor(BaseRunner):
             output_root=output_root(),
             memory_budget=os.environ.get("DIDP_MEMORY_BUDGET_MB"),
             on_metric=lambda name, value: self.record_metric(name, value),
+            index=os.environ.get("DIDP_INDEX") or None,
         )
 
     @streaming
@@ -71,9 +73,10 @@ class Predictor(BaseRunner):
         self,
         prompt: str = Input(description="Caption to visualise: what CLIP should see.", min_length=1, regex=r"\S"),
         mode: str = Input(
-            description="visualize: embeddings and images; embed: only the embeddings (fast).",
+            description="visualize: embeddings and images; embed: only the embeddings (fast); "
+            "search: the images of the server's index (DIDP_INDEX) nearest the query.",
             default="visualize",
-            choices=["visualize", "embed"],
+            choices=["visualize", "embed", "search"],
         ),
         offset_type: str = Input(
             description="Deformable convolutions: none, 1x1 (stable) or full (wants a lower offset_lr_fac).",
@@ -181,7 +184,7 @@ class Predictor(BaseRunner):
         embedding: Path | None = Input(
             description="A CLIP image embedding to show instead of the prior's: a .npy file of float32 [d] or "
             "[1, d]; [k, d] gives k pictures optimised together (frame_NN.png). The prompt still names the picture "
-            "for scoring.",
+            "for scoring. With mode=search: the query ([d] or [1, d]) instead of the caption's.",
             default=None,
         ),
         init_image: Path | None = Input(
@@ -194,6 +197,19 @@ class Predictor(BaseRunner):
             default=None,
             ge=1,
             le=1000,
+        ),
+        k: int = Input(
+            description="mode=search: how many of the index's nearest images to return, best first.",
+            default=20,
+            ge=1,
+            le=100,
+        ),
+        text_weight: float = Input(
+            description="mode=search: the query mixes the prior's image embedding with the caption's text embedding "
+            "by this weight (0: the prior's alone, 1: the text embedding alone).",
+            default=0.0,
+            ge=0,
+            le=1,
         ),
         captions: Path | None = Input(
             description="Many captions to embed in one request (mode=embed): text with one caption a line, or CSV, "

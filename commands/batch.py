@@ -18,17 +18,15 @@ Exit codes: 0 done, 2 refused (input, settings, output directory), 1 failed (set
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import pyarrow as pa
 
+from commands.rayjob import start_ray, stream_shards, versions
 from commands.signals import Terminated, terminate_as_interrupt, uninterrupted
 from pipeline.captions import Captions, CaptionsError, read_captions
 from pipeline.locks import DirectoryBusy, hold, release
@@ -163,18 +161,6 @@ class Refused(Exception):
     """A job refused before any work (exit code 2)."""
 
 
-def versions() -> dict[str, str]:
-    import torch
-
-    found = {"python": platform.python_version(), "torch": torch.__version__}
-    for name, package in (("ray", "ray"), ("pyarrow", "pyarrow"), ("package", "deep-image-diffusion-prior")):
-        try:
-            found[name] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[name] = "unknown"
-    return found
-
-
 def new_manifest(job: Job, weights: dict[str, str], fingerprint: str, written: int, embedded: int) -> Manifest:
     errors = job.captions.bad
     return Manifest(
@@ -268,40 +254,6 @@ def identify(weights: str, local: bool) -> tuple[dict[str, str], int]:
     return ray.get(task.remote(weights, gpus))
 
 
-def start_ray(address: str | None) -> bool:
-    """Join the cluster at ``address``, or start a local Ray in this process (no dashboard, its
-    logs kept off the terminal); a Ray already started in this process is used as it is. Whether
-    Ray was started here (and is to be shut down here)."""
-    import ray
-
-    if ray.is_initialized():
-        _configure_data()
-        return False
-
-    quiet = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    else:
-        # the workers at this command's priority: Ray starts them at niceness 15, which lets any other
-        # load on the machine take their CPU: beside niced test runs a full-size job ran 3.2x slower
-        # than the same batches in this process, 1.28x at the command's own niceness
-        ray.init(num_cpus=os.cpu_count(), _system_config={"worker_niceness": os.nice(0)}, **quiet)
-    _configure_data()
-    return True
-
-
-def _configure_data() -> None:
-    from ray.data import DataContext
-
-    context = DataContext.get_current()
-    context.execution_options.preserve_order = True  # the driver writes shards in input order
-    context.enable_progress_bars = False  # ours, in rows per second
-    context.print_on_execution_start = False
-    context.enable_auto_log_stats = False
-    logging.getLogger("ray").setLevel(logging.WARNING)
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # not "progress bars disabled": ours are on
-
-
 def pending_rows(job: Job, pending: list[int]) -> pa.Table:
     """The good rows of the ``pending`` shards in order, with each row's seed and shard."""
     from pipeline.embeddings import row_seed
@@ -339,62 +291,27 @@ def embed_pending(
     """Embed the ``pending`` shards' rows on Ray Data, calling ``on_rows(n)`` as rows arrive and
     ``on_shard(k, table)`` in shard order as soon as shard ``k``'s rows are all in (also for shards
     without good rows). The workers share out all the CPUs: this driver mostly waits."""
-    import ray
-
-    expected = job.good_per_shard()
-    rows = pending_rows(job, pending)
-    schema = embeddings_schema(dim)
-    waiting = list(pending)  # shards not yet handed on, in order
-    buffer: list[pa.Table] = []
-    held = 0
-
-    def hand_on_empty_before(shard: int) -> None:
-        while waiting and waiting[0] != shard and expected[waiting[0]] == 0:
-            on_shard(waiting.pop(0), schema.empty_table())
-
-    if rows.num_rows:
-        gpus = ray.cluster_resources().get("GPU", 0) > 0
-        cpus = ray.cluster_resources().get("CPU", 1)
-        blocks = [rows.slice(i, batch_size) for i in range(0, rows.num_rows, batch_size)]
-        dataset = ray.data.from_arrow(blocks).map_batches(
-            Embedder,
-            fn_constructor_kwargs={
-                "weights": job.weights,
-                "sha256": weights["sha256"],
-                "settings": {
-                    "candidates": job.settings.candidates,
-                    "guidance_scale": job.settings.guidance_scale,
-                    "prior_steps": job.settings.prior_steps,
-                    "negative_prompt": job.settings.negative_prompt,
-                },
+    stream_shards(
+        pending_rows(job, pending),
+        pending,
+        job.good_per_shard(),
+        embeddings_schema(dim),
+        Embedder,
+        {
+            "weights": job.weights,
+            "sha256": weights["sha256"],
+            "settings": {
+                "candidates": job.settings.candidates,
+                "guidance_scale": job.settings.guidance_scale,
+                "prior_steps": job.settings.prior_steps,
+                "negative_prompt": job.settings.negative_prompt,
             },
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            # on GPUs one each; on CPUs the machine's cores shared out (torch's threads follow num_cpus)
-            **({"num_gpus": 1} if gpus else {"num_cpus": max(1, int(cpus // workers))}),
-        )
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            shards = batch["shard"].to_pylist()
-            on_rows(len(shards))
-            start = 0
-            while start < len(shards):
-                shard = shards[start]
-                end = start
-                while end < len(shards) and shards[end] == shard:
-                    end += 1
-                hand_on_empty_before(shard)
-                buffer.append(batch.slice(start, end - start).drop_columns(["shard"]))
-                held += end - start
-                if held == expected[shard]:
-                    waiting.pop(0)
-                    on_shard(shard, pa.concat_tables(buffer).cast(schema))
-                    buffer, held = [], 0
-                start = end
-    for shard in list(waiting):
-        if expected[shard]:
-            raise RuntimeError(f"shard {shard}: the workers returned {held} of its {expected[shard]} rows")
-        on_shard(waiting.pop(0), schema.empty_table())
+        },
+        workers,
+        batch_size,
+        on_shard,
+        on_rows,
+    )
 
 
 # -- main ---------------------------------------------------------------------------------------------------

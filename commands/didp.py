@@ -3,6 +3,8 @@
     didp -i prompt="a lighthouse at night" -i iterations=100 --weights tiny -o outputs/
     didp batch captions.parquet -o embeddings/     # many captions: commands.batch
     didp ui --weights tiny                          # the local web page: commands.ui
+    didp index photos/ -o my-index/                # a searchable index of images: commands.index
+    didp search my-index/ -i prompt="a red bicycle" -i k=20 -o found/
 
 Inputs are checked by the same rules as the Cog server before any model is loaded; files are
 copied to ``-o`` as they are produced and their paths printed; when the first one arrives, an
@@ -11,7 +13,8 @@ not mix. One run at a time writes into a directory: a second one there is refuse
 SIGTERM ends a run with one line: the files already copied stay whole, the temporary ones go.
 
 The environment, read here only: ``DIDP_WEIGHTS`` (``--weights`` wins), ``DIDP_OUTPUT_DIR`` (where
-runs are made before their files are copied to ``-o``) and ``DIDP_MEMORY_BUDGET_MB``.
+runs are made before their files are copied to ``-o``), ``DIDP_MEMORY_BUDGET_MB`` and ``DIDP_INDEX``
+(the index ``mode=search`` searches; ``--index`` and ``didp search INDEX_DIR`` win).
 """
 
 from __future__ import annotations
@@ -135,6 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         from commands.ui import main as ui
 
         return ui(argv[1:])
+    if argv[:1] == ["index"]:
+        from commands.index import main as index
+
+        return index(argv[1:])
+    if argv[:1] == ["search"]:
+        if argv[1:2] in (["-h"], ["--help"]):
+            print(SEARCH_HELP)
+            return 0
+        argv = search_arguments(argv[1:])
+        if argv is None:
+            return 2
     progress = Progress()
     with terminate_as_interrupt():
         try:
@@ -142,6 +156,27 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt as interrupt:
             print(f"\n{progress.interrupted(interrupt)}", file=sys.stderr)
             return 143 if isinstance(interrupt, Terminated) else 130
+
+
+SEARCH_HELP = """usage: didp search INDEX_DIR -i prompt=... [-i k=20] [--weights W] [-o OUT]
+
+The images of INDEX_DIR (built by didp index) nearest the query: the prior's image embedding of
+the prompt (default), mixed with its text embedding (-i text_weight=...), an -i image=@picture or
+an -i embedding=@file.npy. Writes OUT/query_embedding.npy, OUT/contact_sheet.png and
+OUT/result.json and prints the matches (rank, score, id). Every input: didp --help."""
+
+
+def search_arguments(argv: list[str]) -> list[str] | None:
+    """``didp search INDEX_DIR ARGS`` as ``didp --index INDEX_DIR -i mode=search ARGS`` (``None``,
+    with the message printed, when that cannot be)."""
+    if not argv or argv[0].startswith("-"):
+        print("error: didp search INDEX_DIR -i prompt=...: give the index directory first", file=sys.stderr)
+        return None
+    modes = [a for a in argv if a.startswith("mode=")]
+    if any(mode != "mode=search" for mode in modes):
+        print(f"error: didp search runs mode=search, not {modes[0].partition('=')[2]}", file=sys.stderr)
+        return None
+    return ["--index", argv[0], "-i", "mode=search", *argv[1:], "--print-matches"]
 
 
 def console() -> None:
@@ -163,12 +198,17 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="didp",
         description="What CLIP sees for a caption: the diffusion prior and the deep-image-prior visualiser. "
-        "Many captions at once, from a file, on Ray: see didp batch --help. A web page: didp ui --help.",
+        "Many captions at once, from a file, on Ray: see didp batch --help. A web page: didp ui --help. "
+        "Search your own images: didp index --help, then didp search INDEX_DIR -i prompt=...",
         epilog=inputs_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE", help="an input")
     parser.add_argument("--weights", help="tiny, laion or a directory of weights (default: $DIDP_WEIGHTS or laion)")
+    parser.add_argument(
+        "--index", type=Path, help="an index directory built by didp index, for mode=search (default: $DIDP_INDEX)"
+    )
+    parser.add_argument("--print-matches", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "-o",
         "--output",
@@ -189,6 +229,16 @@ def _main(argv: list[str] | None, progress: Progress) -> int:
     if args.output.exists() and not args.output.is_dir():
         print(f"error: -o {args.output}: not a directory", file=sys.stderr)
         return 2
+    index = args.index or os.environ.get("DIDP_INDEX") or None
+    if request.mode == "search":
+        try:
+            _check_index(index)  # before the weights load
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except RuntimeError as error:  # FAISS missing
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(output_directory(args.output))
@@ -199,10 +249,37 @@ def _main(argv: list[str] | None, progress: Progress) -> int:
             print(f"error: -o {args.output}: {error.strerror or error}", file=sys.stderr)
             return 2
         progress.output = args.output
-        return _run(request, args.weights or os.environ.get("DIDP_WEIGHTS", "laion"), progress)
+        code = _run(request, args.weights or os.environ.get("DIDP_WEIGHTS", "laion"), progress, index)
+    if code == 0 and args.print_matches:
+        print_matches(args.output / "result.json")
+    return code
 
 
-def _run(request, weights: str, progress: Progress) -> int:
+def _check_index(index: str | Path | None) -> None:
+    """``mode=search``'s index opens (``ValueError`` saying what to do if not, ``RuntimeError``
+    without FAISS); whether its CLIP is the weights' is checked once they are loaded."""
+    from pipeline.search import NOT_CONFIGURED
+
+    if index is None:
+        raise ValueError(NOT_CONFIGURED)
+    from retrieval.query import IndexUnusable, SearchIndex
+
+    try:
+        SearchIndex.open(Path(index))
+    except IndexUnusable as error:
+        raise ValueError(f"mode=search: {error}") from None
+
+
+def print_matches(result: Path) -> None:
+    """A search's matches, one a line: rank, score, id."""
+    import json
+
+    found = json.loads(result.read_text()).get("search") or {}
+    for match in found.get("matches", []):
+        print(f"{match['rank']:>4}  {match['score']:.4f}  {match['id']}")
+
+
+def _run(request, weights: str, progress: Progress, index: str | Path | None = None) -> int:
     """Load the models and run ``request`` once, copying its files to ``progress.output`` as they
     come (each one, once whole, recorded in ``progress.written``)."""
     from pipeline.runner import Pipeline
@@ -213,6 +290,7 @@ def _run(request, weights: str, progress: Progress) -> int:
             weights,
             output_root=Path(os.environ.get("DIDP_OUTPUT_DIR", Path(tempfile.gettempdir()) / "didp-outputs")),
             memory_budget=os.environ.get("DIDP_MEMORY_BUDGET_MB"),
+            index=index,
         )
     except Exception as error:  # a clear message, not a traceback, for missing or broken weights
         print(f"error: setup failed: {error}", file=sys.stderr)

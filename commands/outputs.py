@@ -14,6 +14,7 @@ OUTPUT_NAMES = re.compile(
     r"(text_tokens|text_embedding|image_embedding|target_embeddings)\.npy"
     r"|step_\d{4}(_\d{2})?\.png|(best|frame)_\d{2}\.png"
     r"|(progress|interpolation|edit)\.(webp|gif)|(embeddings|errors)\.parquet|result\.json"
+    r"|query_embedding\.npy|contact_sheet\.png"
 )
 
 

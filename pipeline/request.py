@@ -63,8 +63,10 @@ class Request(BaseModel):
             json_schema_extra={"pattern": NOT_BLANK},
         ),
     ]
-    mode: Literal["visualize", "embed"] = Field(
-        "visualize", description="visualize: embeddings and images; embed: only the embeddings (fast)."
+    mode: Literal["visualize", "embed", "search"] = Field(
+        "visualize",
+        description="visualize: embeddings and images; embed: only the embeddings (fast); "
+        "search: the images of the server's index (DIDP_INDEX) nearest the query.",
     )
     offset_type: Literal["none", "1x1", "full"] = Field(
         _DIP_DEFAULTS["offset_type"],
@@ -158,7 +160,7 @@ class Request(BaseModel):
         None,
         description="A CLIP image embedding to show instead of the prior's: a .npy file of float32 [d] or [1, d]; "
         "[k, d] gives k pictures optimised together (frame_NN.png). The prompt still names the picture for "
-        "scoring.",
+        "scoring. With mode=search: the query ([d] or [1, d]) instead of the caption's.",
     )
     init_image: Path | None = Field(
         None,
@@ -171,6 +173,16 @@ class Request(BaseModel):
         le=1000,
         description=f"Steps fitting the network to init_image before the CLIP-guided iterations "
         f"(default {DEFAULT_INIT_STEPS}).",
+    )
+    k: int = Field(
+        20, ge=1, le=100, description="mode=search: how many of the index's nearest images to return, best first."
+    )
+    text_weight: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="mode=search: the query mixes the prior's image embedding with the caption's text embedding "
+        "by this weight (0: the prior's alone, 1: the text embedding alone).",
     )
     captions: Path | None = Field(
         None,
@@ -248,12 +260,13 @@ class Request(BaseModel):
                 "weighted_prompts": self.weighted_prompts,
             }
             problems += [f"captions cannot be combined with {name}" for name, on in alone.items() if on]
-        if self.mode == "embed":
+        problems += self._search_problems()
+        if self.mode in ("embed", "search"):
             pictures_only = {
                 "num_outputs": self.num_outputs > 1,
                 "save_animation": self.save_animation,
                 "negative_weight": self.negative_weight > 0,
-                "embedding": self.embedding is not None,
+                "embedding": self.embedding is not None and self.mode == "embed",  # a query with mode=search
                 "init_image": self.init_image is not None,
             }
             problems += [f"{name} makes pictures: it needs mode=visualize" for name, on in pictures_only.items() if on]
@@ -296,6 +309,27 @@ class Request(BaseModel):
         if self.init_image is None:
             return 0
         return DEFAULT_INIT_STEPS if self.init_steps is None else self.init_steps
+
+    def _search_problems(self) -> list[str]:
+        if self.mode != "search":
+            searching = {
+                "k": self.k != _default("k"),
+                "text_weight": self.text_weight != _default("text_weight"),
+            }
+            return [f"{name} is a search input: it needs mode=search" for name, on in searching.items() if on]
+        problems = [
+            f"mode=search cannot be combined with {name}"
+            for name, on in {
+                "interpolate_to": self.interpolate_to,
+                "edit_prompt": self.edit_prompt,
+                "weighted_prompts": self.weighted_prompts,
+                "image_weight": self.image_weight is not None,
+            }.items()
+            if on
+        ]
+        if self.text_weight != _default("text_weight") and (self.image is not None or self.embedding is not None):
+            problems.append("text_weight mixes the caption's embeddings: it cannot be combined with image or embedding")
+        return problems
 
     @property
     def is_sequence(self) -> bool:

@@ -95,6 +95,30 @@ class CaptionCounts(_Model):
     truncated: int
 
 
+class SearchMatch(_Model):
+    """One of the index's images: its rank (1 the best), its id as given to didp index, and its
+    cosine similarity to the query."""
+
+    rank: int
+    id: str
+    score: float
+
+
+class SearchResult(_Model):
+    """``mode=search`` (and, with an index, a visualisation's ``nearest``): the query's kind
+    (prior, text, mix, image, embedding, picture), the index searched and the matches, best first."""
+
+    query: str
+    text_weight: float | None = None
+    k: int
+    index_items: int
+    index_kind: str  # exact or ivf
+    nprobe: int | None = None
+    index_recall_at_10: float | None = None  # measured against exact search when the index was built
+    matches: list[SearchMatch]
+    query_embedding: list[float] | None = None
+
+
 class Result(_Model):
     inputs: dict[str, Any]
     seed: int
@@ -110,6 +134,8 @@ class Result(_Model):
     captions: CaptionCounts | None = None
     targets: list[TargetScore] | None = None
     init: InitPhase | None = None
+    search: SearchResult | None = None
+    nearest: SearchResult | None = None
     timings: dict[str, float] = {}
     versions: dict[str, str] = {}
 

@@ -57,9 +57,11 @@ from .results import (
     PriorChoice,
     Result,
     Score,
+    SearchResult,
     TargetScore,
 )
 from .rundir import RunDirectory, remove_abandoned
+from .search import SearchSetup, mix, search, sheet
 from .shards import embeddings_table, errors_table
 from .weighted_prompts import caption_seed
 
@@ -69,6 +71,7 @@ MetricCallback = Callable[[str, float], None]
 # Called with each emitted frame's step and its pictures' metrics (loss, similarity, ...), before its files.
 FrameCallback = Callable[[int, list[dict]], None]
 MAX_CAPTION_ROWS = 10_000  # rows of a request's captions file; didp batch takes any number
+NEAREST = 5  # a visualisation with an index: the images nearest its final picture
 CAPTION_BATCH = 32  # captions per pass of the prior (benchmarks/bench_batch.py measured this size)
 
 
@@ -130,6 +133,7 @@ class Pictures:
     similarities: list[list[float]] = field(default_factory=list)  # [picture][target], pictures unranked
     lead: int = 0  # the picture `final` describes
     init: InitPhase | None = None
+    best: torch.Tensor | None = None  # [3, H, W] the final (or best) picture
 
 
 class Pipeline:
@@ -140,6 +144,7 @@ class Pipeline:
     ``memory_budget``: megabytes a run may use (``"inf"``: no limit), default 80% of the device's
     memory. ``on_metric(name, value)`` receives each run's figures (timings, final similarity);
     ``on_frame(step, metrics)`` each emitted frame's step and its pictures' metrics, as it comes.
+    ``index``: a directory built by ``didp index``, searched by ``mode=search`` (``pipeline.search``).
     """
 
     def __init__(
@@ -151,6 +156,7 @@ class Pipeline:
         memory_budget: str | None = None,
         on_metric: MetricCallback | None = None,
         on_frame: FrameCallback | None = None,
+        index: Path | None = None,
     ):
         self.device = default_device() if device is None else resolve_device(device)
         self.memory = MemoryBudget.for_device(self.device, memory_budget)  # a bad setting fails before loading
@@ -171,6 +177,7 @@ class Pipeline:
         self.resident_bytes = sum(t.nbytes for m in modules for t in (*m.parameters(), *m.buffers()))
         self.on_metric = on_metric or (lambda name, value: None)
         self.on_frame = on_frame or (lambda step, metrics: None)
+        self.search = SearchSetup(index, self.models)
         log.info("memory budget %.1f GB (%s)", self.memory.bytes / 2**30, self.memory.source)
 
     # -- a request ---------------------------------------------------------------------------------
@@ -190,6 +197,10 @@ class Pipeline:
                 )
         init = None if request.init_image is None else load_init_image(request.init_image, request.size)
         settings = request.dip_settings(resolve_seed(request.seed))
+        if request.mode == "search":
+            self.search.require()  # no index: refused at once, saying how to configure one
+            if embedding is not None and embedding.shape[0] != 1:
+                raise ValueError(f"embedding: {embedding.shape[0]} rows; a search takes one embedding, [d] or [1, d]")
         job = Job(request, settings, picture, captions, embedding, init)
         if request.mode == "visualize":
             self.memory.check(
@@ -273,6 +284,9 @@ class Pipeline:
             )
             yield out.write_text("result.json", result.to_json())
             return
+        if job.request.mode == "search":
+            yield from self._search(job, out, timings)
+            return
         started = time.perf_counter()
         targets = self.targets(job)
         timings["prior_seconds"] = time.perf_counter() - started
@@ -284,15 +298,78 @@ class Pipeline:
         elif targets.added:
             rows = torch.stack([embed for _, embed in _target_rows(job, targets)])
             yield out.write_npy("target_embeddings.npy", _array(rows))
-        pictures = None
+        pictures, nearest = None, None
         if job.request.mode == "visualize":
             pictures = yield from self._visualise(job, targets, out, timings)
             self.on_metric("final_similarity", pictures.final.similarity_to_target)
             if pictures.init is not None:
                 self.on_metric("init_mse", pictures.init.mse_last_step)
+            nearest = self._nearest(pictures)
         for name, value in timings.items():
             self.on_metric(name, value)
-        yield out.write_text("result.json", self._result(job, targets, pictures, timings).to_json())
+        result = self._result(job, targets, pictures, timings)
+        if job.request.mode == "visualize" and nearest is not None:
+            result.nearest = nearest
+        yield out.write_text("result.json", result.to_json())
+
+    def _nearest(self, pictures: Pictures) -> SearchResult | None:
+        """With an index: its images nearest the final (or best) picture's CLIP embedding."""
+        index = self.search.index
+        if index is None or pictures.best is None:
+            return None
+        with torch.no_grad():
+            embed = self.models.clip.embed_image(pictures.best.unsqueeze(0).to(self.device))
+        found, _ = search(index, _array(embed)[0], NEAREST, "picture", None, with_embedding=False)
+        return found
+
+    def _search(self, job: Job, out: RunDirectory, timings: dict) -> Iterator[Path]:
+        """``mode=search``: the query embedding (the ``embedding`` file, the ``image``'s, or the
+        caption's prior and text embeddings mixed by ``text_weight``), the index's ``k`` nearest
+        images, their contact sheet and ``result.json``."""
+        request, index = job.request, self.search.require()
+        started = time.perf_counter()
+        prior, truncated, weight = None, [], None
+        if job.embedding is not None:
+            row = job.embedding[0].astype(np.float64)  # one row: checked in prepare
+            kind, query = "embedding", (row / np.linalg.norm(row)).astype(np.float32)
+        elif job.picture is not None:
+            with torch.no_grad():
+                embed = self.models.clip.embed_image(clip_image_tensor(job.picture, self.models.clip).to(self.device))
+            kind, query = "image", _array(embed)[0]
+        else:
+            weight = request.text_weight
+            kind = {0.0: "prior", 1.0: "text"}.get(weight, "mix")
+            _, text = self._encode(request.prompt, "prompt", truncated)
+            image = None
+            if weight < 1:
+                negative = None
+                if request.negative_prompt:
+                    _, negative = self._encode(request.negative_prompt, "negative_prompt", truncated)
+                image, prior = self._sample_prior(text, negative, job, "prompt")
+                image = _array(image)[0]
+            query = mix(image, _array(text.embed)[0], weight)
+        timings["query_seconds"] = time.perf_counter() - started
+        started = time.perf_counter()
+        found, matches = search(index, query, request.k, kind, weight)
+        timings["search_seconds"] = time.perf_counter() - started
+        yield out.write_npy("query_embedding.npy", query.astype(np.float32))
+        yield out.write_png("contact_sheet.png", sheet(index, matches))
+        for name, value in timings.items():
+            self.on_metric(name, value)
+        result = Result(
+            inputs=request.echo(),
+            seed=job.settings.seed,
+            device=str(self.device),
+            weights=self.models.identity.to_dict(),
+            prior=prior,
+            prompt_truncated="prompt" in truncated,
+            search=found,
+            timings=timings,
+            versions=_versions(),
+        )
+        if truncated:
+            result.truncated_inputs = truncated
+        yield out.write_text("result.json", result.to_json())
 
     def _result(self, job: Job, targets: Targets, pictures: Pictures | None, timings: dict) -> Result:
         optional = {  # left out of result.json where None
@@ -499,7 +576,12 @@ class Pipeline:
         init = InitPhase(steps=init_steps, mse_first_step=init_mse[0], mse_last_step=init_mse[-1]) if init_mse else None
         if single:
             pictures = Pictures(
-                FinalScore(**scores[0].model_dump(exclude_unset=True), step=last.step), None, similarities, 0, init
+                FinalScore(**scores[0].model_dump(exclude_unset=True), step=last.step),
+                None,
+                similarities,
+                0,
+                init,
+                best=last.images[0],
             )
             if request.save_animation:
                 yield out.write_animation("progress", written, request.animation_format)
@@ -518,7 +600,7 @@ class Pipeline:
             yield final[-1]
         outputs = [OutputPicture(file=names[j], **scores[j].model_dump(exclude_unset=True)) for j in order]
         final_score = FinalScore(step=last.step, **scores[order[0]].model_dump(exclude_unset=True))
-        pictures = Pictures(final_score, outputs, similarities, order[0], init)
+        pictures = Pictures(final_score, outputs, similarities, order[0], init, best=last.images[order[0]])
         if request.is_sequence:
             kind = "interpolation" if request.interpolate_to else "edit"
             yield out.write_animation(kind, [[path] for path in final], request.animation_format)

@@ -9,6 +9,7 @@
 - ``testkit.predictor``: ``predict.Predictor`` in this process on the tiny models;
 - ``testkit.locks``: a directory held by another process;
 - ``testkit.batch``: ``didp batch`` in a process of its own, killed with SIGKILL after its first shard;
+- ``testkit.images``: folders of generated and hostile images, and an image index built in this process;
 - ``testkit.oracles``: the dalle2-pytorch 0.11.5 prior and the OpenAI CLIP model as oracles.
 
 Nothing in ``backbone``, ``prior``, ``dip``, ``pipeline``, ``commands`` or ``predict.py`` imports it;

@@ -18,13 +18,14 @@ from . import ROOT
 SHARD_LINE = re.compile(r"part-\d{5}\.parquet$")
 
 
-def start_batch(*args: object) -> subprocess.Popen:
-    """``didp batch ARGS`` as the shell runs it, on the CPU, in a session of its own (so that it
-    and the local Ray it starts can be ended together), stdout and stderr piped."""
+def start_batch(*args: object, command: str = "batch") -> subprocess.Popen:
+    """``didp COMMAND ARGS`` (``didp batch`` by default) as the shell runs it, on the CPU, in a
+    session of its own (so that it and the local Ray it starts can be ended together), stdout and
+    stderr piped."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "commands.didp", "batch", *map(str, args)],
+        [sys.executable, "-m", "commands.didp", command, *map(str, args)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -33,10 +34,10 @@ def start_batch(*args: object) -> subprocess.Popen:
     )
 
 
-def kill_after_first_shard(*args: object, timeout: float = 300) -> subprocess.Popen:
+def kill_after_first_shard(*args: object, timeout: float = 300, command: str = "batch") -> subprocess.Popen:
     """Start ``didp batch ARGS`` and SIGKILL it as soon as it prints its first shard's path; then
     end what is left of its session (its local Ray). Returns the ended process."""
-    process = start_batch(*args)
+    process = start_batch(*args, command=command)
     try:
         deadline = time.monotonic() + timeout
         for line in process.stdout:  # the path of each shard, as it is written

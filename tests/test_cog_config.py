@@ -156,7 +156,7 @@ def test_choices_refer_to_enum_schemas_named_after_the_input(document):
     size = schemas["Input"]["properties"]["size"]
     assert size["allOf"] == [{"$ref": "#/components/schemas/size"}] and "type" not in size
     assert schemas["size"] == {"description": "An enumeration.", "enum": [256, 512], "title": "size", "type": "integer"}
-    assert schemas["mode"]["enum"] == ["visualize", "embed"]
+    assert schemas["mode"]["enum"] == ["visualize", "embed", "search"]
 
 
 def test_output_is_a_streamed_iterator_of_files(document):

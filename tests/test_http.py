@@ -195,7 +195,9 @@ def detail(field: str, msg: str, kind: str = "value_error") -> dict:
         pytest.param({"seed": -2}, detail("seed", "-2 is less than the minimum of -1"), id="seed-low"),
         pytest.param({"lr_decay": 1.5}, detail("lr_decay", "1.5 is greater than the maximum of 1"), id="float-high"),
         pytest.param({"lr": -0.001}, detail("lr", "-0.001 is less than the minimum of 0"), id="float-low"),
-        pytest.param({"mode": "paint"}, detail("mode", '"paint" is not one of ["visualize","embed"]'), id="choice"),
+        pytest.param(
+            {"mode": "paint"}, detail("mode", '"paint" is not one of ["visualize","embed","search"]'), id="choice"
+        ),
         pytest.param({"size": 300}, detail("size", "300 is not one of [256,512]"), id="int-choice"),
         pytest.param({"iterations": "ten"}, detail("iterations", '"ten" is not of type "integer"'), id="str-for-int"),
         pytest.param({"iterations": 2.5}, detail("iterations", '2.5 is not of type "integer"'), id="fraction-for-int"),
@@ -217,7 +219,7 @@ def test_every_problem_is_reported_fields_by_name_and_missing_ones_last(server):
     assert response.status_code == 422
     assert response.json()["detail"] == [
         detail("iterations", "-5 is less than the minimum of 0"),
-        detail("mode", '"x" is not one of ["visualize","embed"]'),
+        detail("mode", '"x" is not one of ["visualize","embed","search"]'),
         detail("size", '"256" is not one of [256,512]'),
         detail("size", '"256" is not of type "integer"'),
         detail("prompt", "Field required", "value_error.missing"),
