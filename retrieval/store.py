@@ -15,7 +15,7 @@ each written whole, ``manifest.json`` last (``complete``).
 
 The index is exact (``IndexFlatIP``) up to ``EXACT_MAX`` items; above, an inverted file
 (``IndexIVFFlat``, ``nlist`` about sqrt(n) lists, trained on a sample) whose ``nprobe`` is the
-smallest that reaches ``RECALL_TARGET`` recall@10 against exact search on held-out queries (the
+smallest that reaches ``RECALL_TARGET`` (plus ``TUNING_MARGIN``) recall@10 against exact search on held-out queries (the
 measured recall is in the manifest). A search opens ``index.faiss`` memory-mapped
 (``IO_FLAG_MMAP_IFC`` for the flat index, ``IO_FLAG_MMAP`` for the inverted lists) and the
 thumbnails with ``np.memmap``: opening costs no reading, and the pages a search touches are the
@@ -46,6 +46,9 @@ INDEX = "index.faiss"
 FORMAT = 1
 EXACT_MAX = 100_000  # items searched exactly; above, an IVF index
 RECALL_TARGET = 0.95  # recall@10 the IVF's nprobe is chosen for
+# nprobe is tuned for the target plus this margin: 200 held-out queries measure recall within a
+# few hundredths, and at 1M vectors an nprobe tuned to 0.952 gave 0.928 on fresh queries
+TUNING_MARGIN = 0.02
 RECALL_QUERIES = 200
 NPROBES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 FAISS_MISSING = (
@@ -222,7 +225,7 @@ def build_index(vectors: np.ndarray, kind: str = "auto", seed: int = 0, recall_t
     if gpu is not None:
         index = faiss.index_gpu_to_cpu(gpu)  # stored and memory-mapped as a CPU index
     seconds = time.perf_counter() - started
-    nprobe, recall = tune_nprobe(index, vectors, recall_target, rng)
+    nprobe, recall = tune_nprobe(index, vectors, min(1.0, recall_target + TUNING_MARGIN), rng)
     info = IndexInfo(
         kind="ivf",
         factory=f"IVF{nlist},Flat",

@@ -87,7 +87,7 @@ def test_a_bad_embedding_fails_the_prediction_with_a_message_naming_it(search_se
     np.save(buffer, np.zeros(64, np.float32))
     uri = "data:application/octet-stream;base64," + base64.b64encode(buffer.getvalue()).decode()
     response = search_server.post({"input": {"prompt": "q", "mode": "search", "embedding": uri}}).json()
-    assert response["status"] == "failed" and "embedding: all zeros" in response["error"]
+    assert response["status"] == "failed" and "embedding: row(s) [0] are zero vectors" in response["error"]
 
 
 def test_without_an_index_mode_search_fails_at_once_saying_how_to_configure_one(monkeypatch):

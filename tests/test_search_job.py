@@ -194,7 +194,7 @@ def test_search_refusals_name_the_problem_before_any_work(models, built, tmp_pat
         wrong.prepare(Request.check(prompt="a red disc", mode="search"))
     np.save(tmp_path / "narrow.npy", np.ones(32, np.float32))
     good = Pipeline(models, output_root=tmp_path / "runs", device="cpu", index=built)
-    with pytest.raises(ValueError, match=r"embedding: shape \[32\]; .*width 64"):
+    with pytest.raises(ValueError, match=r"embedding: rows of width 32, .* 64 wide"):
         good.prepare(Request.check(prompt="a red disc", mode="search", embedding=tmp_path / "narrow.npy"))
 
 

@@ -32,7 +32,8 @@ SECRETS = {
     "DIDP_TEST_SECRET": "didp-fake-secret-5b0c7e",
 }
 RESULT_KEYS = {"inputs", "seed", "device", "weights", "prompt_truncated", "prior", "timings", "final", "versions"}
-RESULT_KEYS |= {"truncated_inputs", "image", "prior_interpolate_to", "outputs"}  # of some requests only
+RESULT_KEYS |= {"truncated_inputs", "image", "prior_interpolate_to", "outputs", "targets"}  # of some requests only
+RESULT_KEYS |= {"init", "captions", "search", "nearest"}  # init images, captions files, searches
 OUTPUT_NAME = re.compile(
     r"(text_tokens|text_embedding|image_embedding|target_embeddings)\.npy|step_\d{4}(_\d{2})?\.png"
     r"|(best|frame)_\d{2}\.png|(progress|interpolation|edit)\.(webp|gif)|result\.json"
