@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from commands.rayjob import start_ray, stream_shards, versions
-from commands.signals import Terminated, terminate_as_interrupt, uninterrupted
+from commands.rayjob import start_ray, stoppable, stream_shards, versions
+from commands.signals import uninterrupted
 from pipeline.captions import Captions, CaptionsError, read_captions
 from pipeline.locks import DirectoryBusy, hold, release
 from pipeline.request import Request
@@ -321,18 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     """``didp batch``; Ctrl-C (130) and SIGTERM (143) stop it between shards' files."""
     args = parser().parse_args(argv)
     state = {"written": 0, "shards": None, "output": args.output}
-    with terminate_as_interrupt():
-        try:
-            return _main(args, state)
-        except KeyboardInterrupt as interrupt:
-            what = "terminated" if isinstance(interrupt, Terminated) else "interrupted"
-            total = f" of {state['shards']}" if state["shards"] is not None else ""
-            print(
-                f"\n{what}: {state['written']}{total} shards are written in {args.output}; "
-                "run the same command again to resume",
-                file=sys.stderr,
-            )
-            return 143 if isinstance(interrupt, Terminated) else 130
+    return stoppable(_main, args, state)
 
 
 def _main(args, state) -> int:

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from commands.rayjob import start_ray, stream_shards, versions
-from commands.signals import Terminated, terminate_as_interrupt, uninterrupted
+from commands.rayjob import start_ray, stoppable, stream_shards, versions
+from commands.signals import uninterrupted
 from pipeline.locks import DirectoryBusy, hold, release
 from pipeline.shards import input_sha256, remove_temporaries, shard_count, write_parquet
 from retrieval.identity import ClipIdentity
@@ -200,18 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     """``didp index``; Ctrl-C (130) and SIGTERM (143) stop it between shards."""
     args = parser().parse_args(argv)
     state = {"written": 0, "shards": None}
-    with terminate_as_interrupt():
-        try:
-            return _main(args, state)
-        except KeyboardInterrupt as interrupt:
-            what = "terminated" if isinstance(interrupt, Terminated) else "interrupted"
-            total = f" of {state['shards']}" if state["shards"] is not None else ""
-            print(
-                f"\n{what}: {state['written']}{total} shards are written in {args.output}; "
-                "run the same command again to resume",
-                file=sys.stderr,
-            )
-            return 143 if isinstance(interrupt, Terminated) else 130
+    return stoppable(_main, args, state)
 
 
 def _main(args, state) -> int:

@@ -12,10 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import sys
 from collections.abc import Callable
 from importlib import metadata
 
 import pyarrow as pa
+
+from commands.signals import Terminated, terminate_as_interrupt
 
 
 def versions() -> dict[str, str]:
@@ -28,6 +31,23 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             found[name] = "unknown"
     return found
+
+
+def stoppable(run: Callable[[object, dict], int], args, state: dict) -> int:
+    """``run(args, state)`` with Ctrl-C (130) and SIGTERM (143) stopping it between shards, saying
+    how many of ``state["shards"]`` were written (``state["written"]``) and how to resume."""
+    with terminate_as_interrupt():
+        try:
+            return run(args, state)
+        except KeyboardInterrupt as interrupt:
+            what = "terminated" if isinstance(interrupt, Terminated) else "interrupted"
+            total = f" of {state['shards']}" if state["shards"] is not None else ""
+            print(
+                f"\n{what}: {state['written']}{total} shards are written in {args.output}; "
+                "run the same command again to resume",
+                file=sys.stderr,
+            )
+            return 143 if isinstance(interrupt, Terminated) else 130
 
 
 def start_ray(address: str | None) -> bool:
