@@ -61,7 +61,7 @@ from .results import (
     TargetScore,
 )
 from .rundir import RunDirectory, remove_abandoned
-from .search import SearchSetup, mix, search, sheet
+from .search import SearchSetup, mix, query_row, search, sheet
 from .shards import embeddings_table, errors_table
 from .weighted_prompts import caption_seed
 
@@ -199,8 +199,8 @@ class Pipeline:
         settings = request.dip_settings(resolve_seed(request.seed))
         if request.mode == "search":
             self.search.require()  # no index: refused at once, saying how to configure one
-            if embedding is not None and embedding.shape[0] != 1:
-                raise ValueError(f"embedding: {embedding.shape[0]} rows; a search takes one embedding, [d] or [1, d]")
+            if embedding is not None:
+                embedding = query_row(embedding)[None]  # the query: one row, l2-normalised
         job = Job(request, settings, picture, captions, embedding, init)
         if request.mode == "visualize":
             self.memory.check(
@@ -330,8 +330,7 @@ class Pipeline:
         started = time.perf_counter()
         prior, truncated, weight = None, [], None
         if job.embedding is not None:
-            row = job.embedding[0].astype(np.float64)  # one row: checked in prepare
-            kind, query = "embedding", (row / np.linalg.norm(row)).astype(np.float32)
+            kind, query = "embedding", job.embedding[0]  # normalised in prepare
         elif job.picture is not None:
             with torch.no_grad():
                 embed = self.models.clip.embed_image(clip_image_tensor(job.picture, self.models.clip).to(self.device))

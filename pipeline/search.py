@@ -58,18 +58,20 @@ class SearchSetup:
             raise ValueError(self.problem)
         return self.index
 
-    def load_embedding(self, path: Path) -> np.ndarray:
-        return load_query_embedding(path, self.require().clip.dim)
+
+def query_row(rows: np.ndarray, name: str = "embedding") -> np.ndarray:
+    """The one row of an embedding input's rows (``pipeline.embedding_file``), l2-normalised to
+    float32 ``[d]``; several rows are refused."""
+    if rows.shape[0] != 1:
+        raise ValueError(f"{name}: {rows.shape[0]} rows; a search takes one embedding, [d] or [1, d]")
+    vector = rows[0].astype(np.float64)
+    return (vector / np.linalg.norm(vector)).astype(np.float32)
 
 
 def load_query_embedding(path: Path, dim: int, name: str = "embedding") -> np.ndarray:
     """One embedding of a ``.npy`` file (``[d]`` or ``[1, d]``), checked as every embedding input
     is (``pipeline.embedding_file``), l2-normalised to float32 ``[d]``."""
-    rows = load_embedding(path, dim, name)
-    if rows.shape[0] != 1:
-        raise ValueError(f"{name}: {rows.shape[0]} rows; a search takes one embedding, [d] or [1, d]")
-    vector = rows[0].astype(np.float64)
-    return (vector / np.linalg.norm(vector)).astype(np.float32)
+    return query_row(load_embedding(path, dim, name), name)
 
 
 def mix(prior: np.ndarray | None, text: np.ndarray, weight: float) -> np.ndarray:
